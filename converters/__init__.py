@@ -1,0 +1,1 @@
+"""HF ⇄ jaxtune weights (installed as `jaxtune.converters`)."""

@@ -1,0 +1,1 @@
+"""The decoder-only transformer shared by the Llama, Mistral and Qwen families."""

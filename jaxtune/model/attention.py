@@ -1,0 +1,51 @@
+"""Causal self-attention over packed rows: the masking rules and the XLA backend.
+
+A token at index q sees a key at index k when k <= q, both carry the same segment id (packed
+sequences never see each other), and, for sliding-window layers, q - k < window. The plain-XLA
+path here materialises the `[B, KH, G, T, S]` scores; the Pallas flash kernel
+(`jaxtune.kernels.flash_attention`) applies the same rules blockwise without doing so.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(segment_ids_bt: jax.Array, window: jax.Array | int = 0) -> jax.Array:
+    """Boolean `[B, T, S]`: may query t see key s. `window` <= 0 means no sliding window."""
+    T = segment_ids_bt.shape[1]
+    q_idx = jnp.arange(T)[:, None]
+    k_idx = jnp.arange(T)[None, :]
+    visible_ts = k_idx <= q_idx
+    window = jnp.asarray(window)
+    visible_ts &= (window <= 0) | (q_idx - k_idx < window)
+    same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return same_segment_bts & visible_ts[None]
+
+
+def xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array,
+                  sm_scale: float) -> jax.Array:
+    """Softmax attention in float32 with grouped K/V heads (no repeat in memory).
+
+    q `[B, T, H, hd]`, k/v `[B, S, KH, hd]`, H = KH * G; returns `[B, T, H, hd]` in q's dtype.
+    """
+    B, T, H, hd = q_btnh.shape
+    KH = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(B, T, KH, H // KH, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * sm_scale
+    # A finite fill keeps fully masked rows (only padding can have them) free of NaN.
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
+    return out_btkgh.reshape(B, T, H, hd).astype(q_btnh.dtype)
+
+
+def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array,
+                   *, window: jax.Array | int = 0, backend: str = "xla") -> jax.Array:
+    """Causal, segment-masked attention by the chosen backend. Returns `[B, T, H, hd]`."""
+    sm_scale = q_btnh.shape[-1] ** -0.5
+    if backend == "xla":
+        return xla_attention(q_btnh, k_btkh, v_btkh, attention_mask(segment_ids_bt, window), sm_scale)
+    raise ValueError(f"attention backend {backend!r} is not available; available: xla")

@@ -1,0 +1,46 @@
+"""`linear(x, w, spec)`: the one function every projection in the model calls.
+
+It dispatches on the type of the weight leaf. A plain array is an einsum in the compute dtype
+with float32 accumulation. Parameter transforms (LoRA, NF4 quantisation) replace a weight by
+their own pytree leaf type and register how that type multiplies here, so model code never
+mentions them (DESIGN.md invariant 2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LinearImpl = Callable[..., jax.Array]
+_IMPLS: dict[type, LinearImpl] = {}
+
+
+def register_linear(leaf_type: type, impl: LinearImpl) -> None:
+    """Make `linear` call `impl(x, w, spec, dtype)` (float32 or `dtype` result) for `leaf_type` weights."""
+    _IMPLS[leaf_type] = impl
+
+
+def dense(x: jax.Array, kernel: jax.Array, spec: str, dtype) -> jax.Array:
+    """`einsum(spec, x, kernel)` with both operands in `dtype`, accumulated and returned in float32."""
+    return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def linear(x: jax.Array, w, spec: str, dtype, bias: jax.Array | None = None) -> jax.Array:
+    """Project `x` by weight leaf `w` following einsum `spec` (e.g. 'btd,dnh->btnh').
+
+    Shapes are in the spec's letters; the result is in `dtype`. `bias` has the output's trailing
+    shape and is added in float32 before the cast to `dtype`.
+    """
+    if isinstance(w, (jax.Array, np.ndarray)):
+        out = dense(x, w, spec, dtype)
+    else:
+        impl = _IMPLS.get(type(w))
+        if impl is None:
+            raise TypeError(f"linear() has no implementation for weight leaf type {type(w).__name__}")
+        out = impl(x, w, spec, dtype)
+    if bias is not None:
+        out = out.astype(jnp.float32) + bias.astype(jnp.float32)
+    return out.astype(dtype)

@@ -1,0 +1,122 @@
+"""The decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) as pure functions of params.
+
+Pre-norm blocks: RMSNorm → attention (RoPE, GQA, optional q/k bias and per-head q/k norm,
+optional sliding window) → residual → RMSNorm → gated MLP → residual. The stacked layer params
+are run with `lax.scan`, so compile time does not grow with depth. Every projection goes through
+`linear`, so LoRA and NF4 leaves work without this file knowing about them.
+
+Einsum letters: b batch, t/s query/key length, d embed, n query heads, k kv heads, h head_dim,
+f mlp, v vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.model.attention import self_attention
+from jaxtune.model.config import ModelConfig
+from jaxtune.model.linear import dense, linear
+from jaxtune.model.rope import apply_rope, rope_cos_sin
+
+# Rematerialisation policies for the scanned layer (gradient checkpointing), by config name.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, cast back to x's dtype before the scale (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def _bias(module: dict) -> jax.Array | None:
+    return module.get("bias")
+
+
+def decoder_layer(cfg: ModelConfig, dtype, attention: str, h_btd: jax.Array, layer: dict,
+                  window: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
+                  segment_ids_bt: jax.Array) -> jax.Array:
+    """One pre-norm block on the residual stream `[B, T, D]` (in `dtype`)."""
+    attn, mlp = layer["self_attn"], layer["mlp"]
+    x_btd = rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    q_btnh = linear(x_btd, attn["q_proj"]["kernel"], "btd,dnh->btnh", dtype, _bias(attn["q_proj"]))
+    k_btkh = linear(x_btd, attn["k_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["k_proj"]))
+    v_btkh = linear(x_btd, attn["v_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["v_proj"]))
+    if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
+        q_btnh = rms_norm(q_btnh, attn["q_norm"]["scale"], cfg.rms_norm_eps)
+        k_btkh = rms_norm(k_btkh, attn["k_norm"]["scale"], cfg.rms_norm_eps)
+    q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
+    k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+    o_btnh = self_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window=window, backend=attention)
+    h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
+
+    x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
+    up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["up_proj"]))
+    act_btf = (_ACTIVATIONS[cfg.hidden_act](gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(dtype)
+    return h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
+
+
+def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
+                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                  dtype=jnp.float32, attention: str = "xla", remat: str | None = None) -> jax.Array:
+    """Final normed hidden states `[B, T, D]` in `dtype` for token ids `[B, T]`.
+
+    `segment_ids` `[B, T]` int32 keeps packed sequences apart (default: one sequence per row);
+    `positions` `[B, T]` are the RoPE positions (default: 0..T-1, restart per packed sequence
+    is the data pipeline's job). `remat` names a policy in REMAT_POLICIES for the scanned layer.
+    """
+    B, T = input_ids.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    h_btd = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)
+    cos_bth, sin_bth = rope_cos_sin(cfg.rope, cfg.head_dim, positions)
+    windows_l = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_layers, jnp.int32)
+
+    def body(h, layer_and_window):
+        layer, window = layer_and_window
+        return decoder_layer(cfg, dtype, attention, h, layer, window, cos_bth, sin_bth, segment_ids), None
+
+    if remat is not None and remat != "none":
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)} or 'none'")
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    h_btd, _ = jax.lax.scan(body, h_btd, (params["layers"], windows_l))
+    return rms_norm(h_btd, params["norm"]["scale"], cfg.rms_norm_eps)
+
+
+def lm_head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The `[D, V]` output projection: lm_head, or the embedding transposed when tied."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, h_btd: jax.Array) -> jax.Array:
+    """float32 logits `[B, T, V]` from final hidden states (operands in h's dtype)."""
+    return dense(h_btd, lm_head_kernel(params, cfg), "btd,dv->btv", h_btd.dtype)
+
+
+def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
+            segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+            dtype=jnp.float32, attention: str = "xla", remat: str | None = None) -> jax.Array:
+    """float32 logits `[B, T, V]` for token ids `[B, T]` (see `hidden_states` for the arguments)."""
+    h_btd = hidden_states(params, cfg, input_ids, segment_ids=segment_ids, positions=positions,
+                          dtype=dtype, attention=attention, remat=remat)
+    return logits_from_hidden(params, cfg, h_btd)
