@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, train state and the jitted train step."""

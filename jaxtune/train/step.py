@@ -1,0 +1,73 @@
+"""The one train step: `train_step(state, frozen, batch) -> (state, metrics)`, pure and jittable.
+
+Gradient accumulation is a `lax.scan` over micro-batches; the loss is the sum of token losses
+over the whole accumulated batch divided by its number of label tokens (not a mean of
+micro-batch means), so 4 micro-batches of 2 rows give exactly the update of 1 batch of 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtune.model.config import ModelConfig
+from jaxtune.model.transformer import hidden_states, lm_head_kernel
+from jaxtune.train.loss import cross_entropy_sum, next_token_targets
+from jaxtune.train.state import TrainState, combine
+
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    dtype: jnp.dtype = jnp.bfloat16  # compute dtype
+    attention: str = "xla"
+    remat: str | None = None  # a name in jaxtune.model.transformer.REMAT_POLICIES
+    ce_chunk_tokens: int = 4096  # tokens per cross-entropy chunk
+
+
+def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token losses, number of target tokens) for one micro-batch `[b, T]`."""
+    h_btd = hidden_states(params, cfg, micro["input_ids"], segment_ids=micro["segment_ids"],
+                          positions=micro["positions"], dtype=s.dtype, attention=s.attention, remat=s.remat)
+    targets_bt = next_token_targets(micro["labels"], micro["segment_ids"])
+    return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens)
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    s: StepSettings) -> Callable:
+    """`train_step(state, frozen, batch)`; batch leaves are `[accum, micro_rows, T]` int32."""
+
+    def micro_loss(trainable, frozen, micro):
+        loss_sum, count = loss_terms(combine(trainable, frozen), cfg, s, micro)
+        return loss_sum, count
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, frozen, batch: dict):
+        def accumulate(carry, micro):
+            loss_sum, count, grads = carry
+            (micro_sum, micro_count), micro_grads = grad_fn(state.trainable, frozen, micro)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (loss_sum + micro_sum, count + micro_count, grads), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (loss_sum, count, grads), _ = jax.lax.scan(
+            accumulate, (jnp.float32(0), jnp.int32(0), zeros), {k: batch[k] for k in BATCH_KEYS})
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "target_tokens": count,
+        }
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return train_step
