@@ -20,6 +20,7 @@ from jaxtune.model.attention import self_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.linear import dense, linear
 from jaxtune.model.rope import apply_rope, rope_cos_sin
+from jaxtune.sharding import constrain
 
 # Rematerialisation policies for the scanned layer (gradient checkpointing), by config name.
 REMAT_POLICIES = {
@@ -27,6 +28,12 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Logical names of activation dimensions (mapped to mesh axes by jaxtune.sharding rules).
+RESIDUAL = ("act_batch", "act_length", "act_embed")
+HEADS = ("act_batch", "act_length", "act_heads", None)
+KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
+MLP = ("act_batch", "act_length", "act_mlp")
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -59,16 +66,20 @@ def decoder_layer(cfg: ModelConfig, dtype, attention: str, h_btd: jax.Array, lay
     if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
         q_btnh = rms_norm(q_btnh, attn["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = rms_norm(k_btkh, attn["k_norm"]["scale"], cfg.rms_norm_eps)
-    q_btnh = apply_rope(q_btnh, cos_bth, sin_bth)
-    k_btkh = apply_rope(k_btkh, cos_bth, sin_bth)
+    q_btnh = constrain(apply_rope(q_btnh, cos_bth, sin_bth), HEADS)
+    k_btkh = constrain(apply_rope(k_btkh, cos_bth, sin_bth), KV_HEADS)
+    v_btkh = constrain(v_btkh, KV_HEADS)
     o_btnh = self_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window=window, backend=attention)
     h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
+    h_btd = constrain(h_btd, RESIDUAL)
 
     x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
     up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["up_proj"]))
     act_btf = (_ACTIVATIONS[cfg.hidden_act](gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(dtype)
-    return h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
+    act_btf = constrain(act_btf, MLP)
+    h_btd = h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
+    return constrain(h_btd, RESIDUAL)
 
 
 def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
@@ -85,7 +96,7 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
         segment_ids = jnp.ones((B, T), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h_btd = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)
+    h_btd = constrain(jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype), RESIDUAL)
     cos_bth, sin_bth = rope_cos_sin(cfg.rope, cfg.head_dim, positions)
     windows_l = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_layers, jnp.int32)
 
