@@ -20,3 +20,7 @@ class DataError(JaxtuneError):
 
 class ConversionError(JaxtuneError):
     """A checkpoint folder cannot be converted: missing, extra or mis-shaped tensors, unknown model."""
+
+
+class CheckpointError(JaxtuneError):
+    """A checkpoint directory cannot be written or read."""

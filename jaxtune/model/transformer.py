@@ -12,6 +12,7 @@ f mlp, v vocab.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +55,14 @@ def _bias(module: dict) -> jax.Array | None:
     return module.get("bias")
 
 
-def decoder_layer(cfg: ModelConfig, dtype, attention: str, h_btd: jax.Array, layer: dict,
-                  window: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
-                  segment_ids_bt: jax.Array) -> jax.Array:
-    """One pre-norm block on the residual stream `[B, T, D]` (in `dtype`)."""
+def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window: jax.Array,
+                  cos_bth: jax.Array, sin_bth: jax.Array, attend: Callable, attend_state=None):
+    """One pre-norm block on the residual stream `[B, T, D]` (in `dtype`).
+
+    `attend(q, k, v, window, attend_state) -> (out, new_attend_state)` does the attention proper:
+    over the packed rows themselves when training, over a KV cache when decoding.
+    Returns `(h_btd, new_attend_state)`.
+    """
     attn, mlp = layer["self_attn"], layer["mlp"]
     x_btd = rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
     q_btnh = linear(x_btd, attn["q_proj"]["kernel"], "btd,dnh->btnh", dtype, _bias(attn["q_proj"]))
@@ -69,7 +74,7 @@ def decoder_layer(cfg: ModelConfig, dtype, attention: str, h_btd: jax.Array, lay
     q_btnh = constrain(apply_rope(q_btnh, cos_bth, sin_bth), HEADS)
     k_btkh = constrain(apply_rope(k_btkh, cos_bth, sin_bth), KV_HEADS)
     v_btkh = constrain(v_btkh, KV_HEADS)
-    o_btnh = self_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window=window, backend=attention)
+    o_btnh, attend_state = attend(q_btnh, k_btkh, v_btkh, window, attend_state)
     h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
     h_btd = constrain(h_btd, RESIDUAL)
 
@@ -79,7 +84,7 @@ def decoder_layer(cfg: ModelConfig, dtype, attention: str, h_btd: jax.Array, lay
     act_btf = (_ACTIVATIONS[cfg.hidden_act](gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(dtype)
     act_btf = constrain(act_btf, MLP)
     h_btd = h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
-    return constrain(h_btd, RESIDUAL)
+    return constrain(h_btd, RESIDUAL), attend_state
 
 
 def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
@@ -100,9 +105,13 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
     cos_bth, sin_bth = rope_cos_sin(cfg.rope, cfg.head_dim, positions)
     windows_l = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_layers, jnp.int32)
 
+    def attend(q_btnh, k_btkh, v_btkh, window, _):
+        return self_attention(q_btnh, k_btkh, v_btkh, segment_ids, window=window, backend=attention), None
+
     def body(h, layer_and_window):
         layer, window = layer_and_window
-        return decoder_layer(cfg, dtype, attention, h, layer, window, cos_bth, sin_bth, segment_ids), None
+        h, _ = decoder_layer(cfg, dtype, h, layer, window, cos_bth, sin_bth, attend)
+        return h, None
 
     if remat is not None and remat != "none":
         if remat not in REMAT_POLICIES:

@@ -19,7 +19,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     trainable: dict  # params pytree, frozen leaves None
     opt_state: optax.OptState
-    rng: jax.Array  # base key; each step folds in its step number (dropout)
+    rng: jax.Array  # raw uint32 key data (checkpointable); wrap with jax.random.wrap_key_data
 
 
 def partition(params, mask) -> tuple[dict, dict]:
@@ -37,4 +37,6 @@ def combine(trainable, frozen):
 def init_state(trainable, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state; trainable leaves are upcast to the float32 master copy."""
     trainable = jax.tree.map(lambda p: p.astype(jnp.float32), trainable)
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable), rng=rng)
