@@ -23,11 +23,12 @@ from jaxtune.model.linear import dense, linear
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
 
-# Rematerialisation policies for the scanned layer (gradient checkpointing), by config name.
+# Rematerialisation policies for the scanned layer (gradient checkpointing), by their
+# `jax.checkpoint_policies` names. "everything_saveable" (the default) means no remat at all.
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 # Logical names of activation dimensions (mapped to mesh axes by jaxtune.sharding rules).
@@ -113,9 +114,10 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
         h, _ = decoder_layer(cfg, dtype, h, layer, window, cos_bth, sin_bth, attend)
         return h, None
 
-    if remat is not None and remat != "none":
+    if remat is not None and remat != "everything_saveable":
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; choose from {sorted(REMAT_POLICIES)} or 'none'")
+            raise ValueError(f"unknown remat policy {remat!r}; choose from everything_saveable, "
+                             f"{', '.join(REMAT_POLICIES)}")
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     h_btd, _ = jax.lax.scan(body, h_btd, (params["layers"], windows_l))
     return rms_norm(h_btd, params["norm"]["scale"], cfg.rms_norm_eps)

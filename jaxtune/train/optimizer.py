@@ -8,24 +8,21 @@ grad norm is the one clipped.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import jax
 import optax
 
 from jaxtune.errors import ConfigError
 
-# Axolotl/HF names that mean AdamW in optax.
-_ADAMW_ALIASES = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused")
-# 8-bit optimizers from bitsandbytes have no JAX counterpart; we say so and use full AdamW.
-_EIGHT_BIT = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-OPTIMIZERS = _ADAMW_ALIASES + _EIGHT_BIT + ("sgd", "adafactor", "lion")
-SCHEDULES = ("cosine", "linear", "constant")
+# Update rules; the config maps Axolotl's optimizer names onto these (jaxtune.config.schema.OPTIMIZERS).
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion")
+# As HF's schedulers: "constant" ignores warmup, "constant_with_warmup" does not.
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    name: str = "adamw"
+    name: str = "adamw"  # one of OPTIMIZERS
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -41,7 +38,7 @@ def make_schedule(s: OptimizerSettings, total_steps: int) -> optax.Schedule:
     """Warm up linearly from 0 over `warmup_steps`, then decay as HF's schedulers do."""
     if s.schedule not in SCHEDULES:
         raise ConfigError(f"lr_scheduler {s.schedule!r} is not supported; supported: {', '.join(SCHEDULES)}")
-    warmup = min(s.warmup_steps, total_steps)
+    warmup = 0 if s.schedule == "constant" else min(s.warmup_steps, total_steps)
     decay_steps = max(total_steps - warmup, 1)
     if s.schedule == "cosine":
         end = s.learning_rate * (s.cosine_min_lr_ratio or 0.0)
@@ -69,11 +66,7 @@ def make_optimizer(s: OptimizerSettings, total_steps: int) -> tuple[optax.Gradie
     """The optax chain (clip → optimizer) and its schedule, for the trainable params."""
     schedule = make_schedule(s, total_steps)
     name = s.name
-    if name in _EIGHT_BIT:
-        warnings.warn(f"optimizer {name!r} (bitsandbytes 8-bit) has no JAX equivalent; using AdamW with "
-                      "float32 moments instead (same maths, more optimizer memory)", stacklevel=2)
-        name = "adamw"
-    if name in _ADAMW_ALIASES:
+    if name == "adamw":
         opt = optax.adamw(schedule, b1=s.beta1, b2=s.beta2, eps=s.epsilon, weight_decay=s.weight_decay,
                           mask=decay_mask)
     elif name == "sgd":

@@ -1,0 +1,215 @@
+"""The training run: config → data → model → transforms → sharded state → loop → outputs.
+
+Reads straight through; each stage lives in its own module. The loop dispatches step i before
+reading step i-1's metrics, so the host never waits on the device except at logging, evaluation
+and checkpoint boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.config import Config, dump_resolved
+from jaxtune.config.schema import OPTIMIZERS as OPTIMIZER_RULES
+from jaxtune.converters.hf import iter_params, load_hf_config, save_hf
+from jaxtune.errors import JaxtuneError
+from jaxtune.mesh import make_mesh
+from jaxtune.model.config import ModelConfig
+from jaxtune.sharding import activation_sharding, merged_rules
+from jaxtune.train import distributed
+from jaxtune.train.batches import TrainData, prepare_data
+from jaxtune.train.checkpoints import Checkpoints, abstract_like
+from jaxtune.train.evaluation import make_eval_step, evaluate
+from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
+from jaxtune.train.placement import batch_sharding, create_state, params_shardings, place_params, state_shardings
+from jaxtune.train.reporting import Reporter, summary
+from jaxtune.train.state import combine, partition
+from jaxtune.train.step import StepSettings, make_train_step
+from jaxtune.train.watchdog import LossWatchdog, TrainingStopped
+
+
+@dataclasses.dataclass
+class RunResult:
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    outputs: dict[str, str]
+    interrupted: bool = False
+
+
+def compute_dtype(cfg: Config) -> jnp.dtype:
+    """bf16: true → bfloat16; false → float32; auto → bfloat16 on GPU, float32 on CPU (slow bf16)."""
+    if cfg.bf16 == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
+    return jnp.dtype(jnp.bfloat16 if cfg.bf16 else jnp.float32)
+
+
+def optimizer_settings(cfg: Config, total_steps: int) -> OptimizerSettings:
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round((cfg.warmup_ratio or 0) * total_steps))
+    return OptimizerSettings(
+        name=OPTIMIZER_RULES[cfg.optimizer], learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm or None, schedule=cfg.lr_scheduler, warmup_steps=warmup,
+        cosine_min_lr_ratio=cfg.cosine_min_lr_ratio)
+
+
+def every(value, total_steps: int, steps_per_epoch: int, per_epoch: int | None) -> int | None:
+    """An interval in steps from `N`, a fraction of the run (< 1), or `per_epoch` times an epoch."""
+    if per_epoch:
+        return max(1, steps_per_epoch // per_epoch)
+    if value is None:
+        return None
+    return max(1, int(round(value * total_steps))) if value < 1 else int(value)
+
+
+def load_model(cfg: Config, mesh, rules, dtype) -> tuple[ModelConfig, object, dict]:
+    """Model config, HF config, and params placed in their shards tensor by tensor."""
+    model_cfg, hf_config = load_hf_config(cfg.base_model_config)
+    params = place_params(model_cfg, mesh, rules, iter_params(cfg.base_model, model_cfg, dtype=dtype))
+    return model_cfg, hf_config, params
+
+
+def train(cfg: Config) -> RunResult:
+    distributed.initialize_if_needed()
+    mesh = make_mesh(cfg.mesh.sizes)
+    rules = merged_rules(cfg.sharding_rules)
+    dtype = compute_dtype(cfg)
+    out_dir = os.path.abspath(cfg.output_dir)
+    if jax.process_index() == 0:
+        dump_resolved(cfg, out_dir)
+
+    data: TrainData = prepare_data(cfg, mesh)
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+
+    if cfg.adapter is not None:
+        raise JaxtuneError(f"adapter: {cfg.adapter} training is not wired into the trainer yet; "
+                           "run a full fine-tune (remove `adapter`)")
+    model_cfg, hf_config, params = load_model(cfg, mesh, rules, jnp.float32 if cfg.param_dtype == "float32"
+                                              else jnp.bfloat16)
+    mask = jax.tree.map(lambda _: True, params)
+    trainable, frozen = partition(params, mask)
+    del params
+
+    tx, schedule = make_optimizer(optimizer_settings(cfg, total_steps), total_steps)
+    trainable_sh = params_shardings(model_cfg, mesh, rules)
+    trainable_sh = jax.tree.map(lambda s, m: s if m else None, trainable_sh, mask)
+    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda: trainable), mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    batch_sh = batch_sharding(mesh, rules)
+    state = create_state(trainable, tx, jax.random.key(cfg.seed), state_sh)
+    del trainable
+
+    checkpoints = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=cfg.save_total_limit)
+    start_step = 0
+    resume_dir = cfg.resume_from_checkpoint
+    if resume_dir or (cfg.auto_resume_from_checkpoints and checkpoints.latest_step() is not None):
+        source = Checkpoints(os.path.dirname(os.path.abspath(resume_dir))) if resume_dir else checkpoints
+        step_to_load = int(os.path.basename(os.path.normpath(resume_dir))) if resume_dir else None
+        start_step, state, loader_state = source.restore(abstract_like(state), step_to_load)
+        data.train.set_state(loader_state)
+
+    settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg), remat=cfg.remat_policy,
+                            ce_chunk_tokens=4096)
+    step_fn = make_train_step(model_cfg, tx, schedule, settings)
+    reporter = Reporter(out_dir, total_steps, start_step=start_step, use_tensorboard=cfg.use_tensorboard,
+                        wandb_project=cfg.wandb_project,
+                        wandb_kwargs=dict(entity=cfg.wandb_entity, name=cfg.wandb_name), run_config=cfg.to_dict())
+    if start_step:
+        reporter.message(f"resumed from checkpoint {start_step} in {checkpoints.directory}")
+    log_every = cfg.logging_steps or max(1, min(10, total_steps // 200))
+    eval_every = every(cfg.eval_steps, total_steps, steps_per_epoch, cfg.evals_per_epoch)
+    save_every = every(cfg.save_steps, total_steps, steps_per_epoch, cfg.saves_per_epoch)
+    watchdog = LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience)
+
+    stop_signal: list[int] = []
+    previous_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
+                         for s in (signal.SIGTERM, signal.SIGINT)}
+    tokens_done, final_loss, eval_loss, interrupted = 0, None, None, False
+    run_start = time.perf_counter()
+    try:
+        with activation_sharding(mesh, rules):
+            jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
+                             out_shardings=(state_sh, None), donate_argnums=(0,))
+            eval_step = make_eval_step(model_cfg, settings, state_sh, frozen_sh, batch_sh)
+            pending = None  # (step, metrics on device, tokens, time dispatched) of the last step
+            window_tokens, window_start = 0, time.perf_counter()
+            for step in range(start_step + 1, total_steps + 1):
+                host_batch = data.train.next_batch()
+                batch = data.to_device(host_batch, batch_sh, accum)
+                state, metrics = jitted(state, frozen, batch)
+                tokens = int(np.count_nonzero(host_batch["segment_ids"]))
+                if pending is not None:
+                    final_loss = _finish_step(pending, watchdog)
+                pending = (step, metrics, tokens)
+                tokens_done += tokens
+                window_tokens += tokens
+                last = step == total_steps
+                if step % log_every == 0 or last:
+                    final_loss = _finish_step(pending, watchdog)
+                    elapsed = time.perf_counter() - window_start
+                    reporter.log({"step": step, "loss": final_loss, "lr": float(metrics["lr"]),
+                                  "grad_norm": float(metrics["grad_norm"]),
+                                  "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                                  "epoch": step / steps_per_epoch})
+                    window_tokens, window_start = 0, time.perf_counter()
+                if data.eval is not None and eval_every and (step % eval_every == 0 or last):
+                    eval_loss = evaluate(eval_step, state, frozen, data, batch_sh, accum)
+                    reporter.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+                if (save_every and step % save_every == 0) or last or stop_signal:
+                    final_loss = _finish_step(pending, watchdog)
+                    checkpoints.save(step, state, data.train.get_state(), force=True)
+                if stop_signal:
+                    interrupted = True
+                    reporter.message(f"received {signal.Signals(stop_signal[0]).name}: saved checkpoint {step}; "
+                                     "run the same command again to resume")
+                    break
+    except TrainingStopped as stopped:
+        checkpoints.wait()
+        reporter.close()
+        raise JaxtuneError(f"{stopped} Training stopped; the newest good checkpoint is step "
+                           f"{checkpoints.latest_step()} in {checkpoints.directory}") from None
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+    seconds = time.perf_counter() - run_start
+    checkpoints.close()
+
+    outputs = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "checkpoints": checkpoints.directory}
+    if not interrupted:
+        params = combine(jax.tree.map(lambda p, f: p.astype(f.dtype) if f is not None else p,
+                                      state.trainable, jax.eval_shape(lambda: state.trainable)), frozen)
+        model_dir = os.path.join(out_dir, "model")
+        if jax.process_index() == 0:
+            save_hf(model_dir, model_cfg, params, hf_config=hf_config, tokenizer_dir=cfg.tokenizer_config)
+        outputs["model"] = model_dir
+    reporter.message(summary(steps=int(state.step), tokens=tokens_done, seconds=seconds, final_loss=final_loss,
+                             eval_loss=eval_loss, outputs=outputs,
+                             flops_per_token=6 * model_cfg.num_params))
+    reporter.close()
+    return RunResult(steps=int(state.step), final_loss=final_loss, eval_loss=eval_loss, outputs=outputs,
+                     interrupted=interrupted)
+
+
+def _finish_step(pending, watchdog: LossWatchdog) -> float:
+    step, metrics, _ = pending
+    loss = float(metrics["loss"])
+    watchdog.check(step, loss)
+    return loss
+
+
+def _attention_backend(cfg: Config) -> str:
+    # Only the XLA path exists in the model so far; "auto" resolves to it until the Pallas
+    # kernel is wired in (issue 7). An explicit other choice is an error, not a silent fallback.
+    if cfg.attention in ("auto", "xla"):
+        return "xla"
+    raise JaxtuneError(f"attention: {cfg.attention!r} is not available in this build; use auto or xla")
