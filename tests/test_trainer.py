@@ -1,0 +1,117 @@
+"""`python -m jaxtune.train` end to end on the quickstart assets: resume after SIGKILL gives the
+losses of an uninterrupted run, SIGTERM saves and exits cleanly, the watchdog stops divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxtune.train.watchdog import LossWatchdog, TrainingStopped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yml")
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def command(tmp_path, *overrides) -> list[str]:
+    sets = [f"output_dir={tmp_path / 'out'}", f"dataset_prepared_path={tmp_path / 'prepared'}",
+            "logging_steps=1", "evals_per_epoch=null", "saves_per_epoch=null", "num_epochs=1", *overrides]
+    return [sys.executable, "-m", "jaxtune.train", "--config", QUICKSTART] + [a for s in sets for a in ("--set", s)]
+
+
+def losses(out_dir) -> dict[int, float]:
+    """step → loss, the last logged value of each step (a resumed run re-logs some steps)."""
+    by_step = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss" in row:
+                by_step[row["step"]] = row["loss"]
+    return by_step
+
+
+def run(cmd, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stdout.read()}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_continues_the_exact_loss_curve(tmp_path):
+    steps = ["max_steps=30", "save_steps=4"]
+    whole = tmp_path / "whole"
+    done = run(command(whole, *steps))
+    assert done.returncode == 0, done.stderr
+    reference = losses(whole / "out")
+    assert sorted(reference) == list(range(1, 31))
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(command(broken, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: os.path.isdir(broken / "out" / "checkpoints" / "8"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged_before = losses(broken / "out")
+    assert max(logged_before) < 30, "the run finished before it could be killed"
+
+    resumed = run(command(broken, *steps))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint" in resumed.stdout + resumed.stderr
+    after = losses(broken / "out")
+    assert sorted(after) == list(range(1, 31))
+    for step in range(1, 31):
+        assert after[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(command(tmp_path, "max_steps=400", "save_steps=1000"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: os.path.exists(tmp_path / "out" / "metrics.jsonl")
+             and len(losses(tmp_path / "out")) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM: saved checkpoint" in output
+    saved = [int(d) for d in os.listdir(tmp_path / "out" / "checkpoints") if d.isdigit()]
+    assert saved and max(saved) < 400
+    assert not os.path.exists(tmp_path / "out" / "model"), "an interrupted run must not export"
+
+
+def test_watchdog_stops_on_high_loss_with_a_message(tmp_path):
+    done = run(command(tmp_path, "max_steps=20", "loss_watchdog_threshold=0.5", "loss_watchdog_patience=2"))
+    assert done.returncode == 2
+    assert "above loss_watchdog_threshold 0.5 for 2 steps" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_watchdog_rules():
+    dog = LossWatchdog(threshold=None, patience=3)
+    dog.check(1, 1e9)  # no threshold: only non-finite losses stop
+    with pytest.raises(TrainingStopped, match="loss is nan"):
+        dog.check(2, float("nan"))
+    dog = LossWatchdog(threshold=2.0, patience=2)
+    dog.check(1, 3.0)
+    dog.check(2, 1.0)  # back under: the count restarts
+    dog.check(3, 3.0)
+    with pytest.raises(TrainingStopped):
+        dog.check(4, 3.0)
+
+
+def test_bad_config_key_exits_2_without_traceback(tmp_path):
+    done = run(command(tmp_path, "lora_rr=8"))
+    assert done.returncode == 2
+    assert "lora_rr" in done.stderr and "Traceback" not in done.stderr
