@@ -115,3 +115,11 @@ def test_bad_config_key_exits_2_without_traceback(tmp_path):
     done = run(command(tmp_path, "lora_rr=8"))
     assert done.returncode == 2
     assert "lora_rr" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = run(command(tmp_path, f"output_dir={blocker / 'out'}"))
+    assert done.returncode == 2
+    assert f"output_dir: cannot write to {blocker / 'out'}" in done.stderr

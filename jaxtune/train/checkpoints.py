@@ -24,10 +24,6 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         try:
             os.makedirs(self.directory, exist_ok=True)
-            probe = os.path.join(self.directory, ".write-test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
         except OSError as e:
             raise CheckpointError(f"output_dir: cannot write checkpoints to {self.directory}: {e.strerror}") from e
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -20,7 +20,7 @@ import numpy as np
 from jaxtune.config import Config, dump_resolved
 from jaxtune.config.schema import OPTIMIZERS as OPTIMIZER_RULES
 from jaxtune.converters.hf import iter_params, load_hf_config, save_hf
-from jaxtune.errors import JaxtuneError
+from jaxtune.errors import CheckpointError, JaxtuneError
 from jaxtune.mesh import make_mesh
 from jaxtune.model.config import ModelConfig
 from jaxtune.sharding import activation_sharding, merged_rules
@@ -84,6 +84,7 @@ def train(cfg: Config) -> RunResult:
     dtype = compute_dtype(cfg)
     out_dir = os.path.abspath(cfg.output_dir)
     if jax.process_index() == 0:
+        _check_writable(out_dir)
         dump_resolved(cfg, out_dir)
 
     data: TrainData = prepare_data(cfg, mesh)
@@ -198,6 +199,17 @@ def train(cfg: Config) -> RunResult:
     reporter.close()
     return RunResult(steps=int(state.step), final_loss=final_loss, eval_loss=eval_loss, outputs=outputs,
                      interrupted=interrupted)
+
+
+def _check_writable(out_dir: str) -> None:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".jaxtune-write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"output_dir: cannot write to {out_dir}: {e.strerror}") from None
 
 
 def _finish_step(pending, watchdog: LossWatchdog) -> float:
