@@ -48,4 +48,10 @@ def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segm
     sm_scale = q_btnh.shape[-1] ** -0.5
     if backend == "xla":
         return xla_attention(q_btnh, k_btkh, v_btkh, attention_mask(segment_ids_bt, window), sm_scale)
-    raise ValueError(f"attention backend {backend!r} is not available; available: xla")
+    if backend == "cudnn":
+        # cuDNN's fused kernel knows causal masks, not segment ids: exact only for rows holding one
+        # sequence each (right padding is harmless: no real token attends to a later position).
+        # The trainer picks it only when sample_packing is off and no layer has a sliding window.
+        return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, scale=sm_scale, is_causal=True,
+                                            implementation="cudnn")
+    raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn")

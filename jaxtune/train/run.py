@@ -119,7 +119,7 @@ def train(cfg: Config) -> RunResult:
         start_step, state, loader_state = source.restore(abstract_like(state), step_to_load)
         data.train.set_state(loader_state)
 
-    settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg), remat=cfg.remat_policy,
+    settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg, model_cfg), remat=cfg.remat_policy,
                             ce_chunk_tokens=4096)
     step_fn = make_train_step(model_cfg, tx, schedule, settings)
     reporter = Reporter(out_dir, total_steps, start_step=start_step, use_tensorboard=cfg.use_tensorboard,
@@ -219,9 +219,15 @@ def _finish_step(pending, watchdog: LossWatchdog) -> float:
     return loss
 
 
-def _attention_backend(cfg: Config) -> str:
-    # Only the XLA path exists in the model so far; "auto" resolves to it until the Pallas
-    # kernel is wired in (issue 7). An explicit other choice is an error, not a silent fallback.
-    if cfg.attention in ("auto", "xla"):
-        return "xla"
-    raise JaxtuneError(f"attention: {cfg.attention!r} is not available in this build; use auto or xla")
+def _attention_backend(cfg: Config, model_cfg: ModelConfig) -> str:
+    """The attention backend for this run. cuDNN cannot keep packed sequences apart or apply a
+    sliding window, so it is only chosen (or allowed) for unpacked rows of full-attention models."""
+    cudnn_ok = not cfg.sample_packing and not model_cfg.has_sliding_window
+    if cfg.attention == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" and cudnn_ok else "xla"
+    if cfg.attention == "cudnn" and not cudnn_ok:
+        raise JaxtuneError("attention: cudnn cannot mask packed sequences or sliding windows; set "
+                           "sample_packing: false (and use a model without sliding windows), or attention: xla")
+    if cfg.attention in ("xla", "cudnn"):
+        return cfg.attention
+    raise JaxtuneError(f"attention: {cfg.attention!r} is not available in this build; use auto, xla or cudnn")

@@ -39,25 +39,39 @@ def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    s: StepSettings) -> Callable:
-    """`train_step(state, frozen, batch)`; batch leaves are `[accum, micro_rows, T]` int32."""
+                    s: StepSettings, with_rng: Callable | None = None) -> Callable:
+    """`train_step(state, frozen, batch)`; batch leaves are `[accum, micro_rows, T]` int32.
 
-    def micro_loss(trainable, frozen, micro):
-        loss_sum, count = loss_terms(combine(trainable, frozen), cfg, s, micro)
+    `with_rng(params, key)`, if given, hands each micro-batch its own PRNG key (LoRA dropout);
+    keys derive from the state's seed, the step and the micro-batch index, so a resumed run
+    draws the same dropout masks as an uninterrupted one.
+    """
+
+    def micro_loss(trainable, frozen, micro, key):
+        params = combine(trainable, frozen)
+        if with_rng is not None:
+            params = with_rng(params, key)
+        loss_sum, count = loss_terms(params, cfg, s, micro)
         return loss_sum, count
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state: TrainState, frozen, batch: dict):
-        def accumulate(carry, micro):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def accumulate(carry, micro_and_index):
             loss_sum, count, grads = carry
-            (micro_sum, micro_count), micro_grads = grad_fn(state.trainable, frozen, micro)
+            micro, index = micro_and_index
+            key = jax.random.fold_in(step_key, index)
+            (micro_sum, micro_count), micro_grads = grad_fn(state.trainable, frozen, micro, key)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (loss_sum + micro_sum, count + micro_count, grads), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        micro_batches = {k: batch[k] for k in BATCH_KEYS}
+        accum = batch["input_ids"].shape[0]
         (loss_sum, count, grads), _ = jax.lax.scan(
-            accumulate, (jnp.float32(0), jnp.int32(0), zeros), {k: batch[k] for k in BATCH_KEYS})
+            accumulate, (jnp.float32(0), jnp.int32(0), zeros), (micro_batches, jnp.arange(accum)))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
