@@ -13,6 +13,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxtune.config import Config
@@ -62,7 +63,15 @@ class TrainData:
 
 
 def prepare_data(cfg: Config, mesh: Mesh) -> TrainData:
-    """Tokenise/pack (or reuse the cache), then loaders sized for the mesh."""
+    """Tokenise/pack (or reuse the cache), then loaders sized for the mesh.
+
+    On a multi-process run, process 0 builds the cache while the others wait, then they read it:
+    one tokenisation per job and no two processes writing the same cache folder.
+    """
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            prepare_datasets(cfg)
+        multihost_utils.sync_global_devices("jaxtune: datasets prepared")
     prepared = prepare_datasets(cfg)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     rows_per_micro = cfg.micro_batch_size * dp

@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxtune.config import Config, dump_resolved
 from jaxtune.config.schema import OPTIMIZERS as OPTIMIZER_RULES
@@ -187,8 +188,7 @@ def train(cfg: Config) -> RunResult:
 
     outputs = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "checkpoints": checkpoints.directory}
     if not interrupted:
-        params = combine(jax.tree.map(lambda p, f: p.astype(f.dtype) if f is not None else p,
-                                      state.trainable, jax.eval_shape(lambda: state.trainable)), frozen)
+        params = _export_params(combine(state.trainable, frozen), _checkpoint_dtype(hf_config))
         model_dir = os.path.join(out_dir, "model")
         if jax.process_index() == 0:
             save_hf(model_dir, model_cfg, params, hf_config=hf_config, tokenizer_dir=cfg.tokenizer_config)
@@ -199,6 +199,21 @@ def train(cfg: Config) -> RunResult:
     reporter.close()
     return RunResult(steps=int(state.step), final_loss=final_loss, eval_loss=eval_loss, outputs=outputs,
                      interrupted=interrupted)
+
+
+def _checkpoint_dtype(hf_config) -> jnp.dtype:
+    """The base checkpoint's dtype (exports keep it), float32 if the config does not say."""
+    name = str(getattr(hf_config, "dtype", None) or "float32").removeprefix("torch.")
+    return jnp.dtype(name)
+
+
+def _export_params(params, dtype):
+    """Params cast to the export dtype and, on a multi-process run, gathered to every host (the
+    gather is collective; only process 0 then writes)."""
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    if jax.process_count() > 1:
+        params = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+    return params
 
 
 def _check_writable(out_dir: str) -> None:
