@@ -97,14 +97,14 @@ def hf_shape(spec: ParamSpec, path: Path) -> tuple[int, ...]:
     return per_layer
 
 
-def _to_param(hf_array: np.ndarray, spec: ParamSpec) -> np.ndarray:
+def to_param_layout(hf_array: np.ndarray, spec: ParamSpec) -> np.ndarray:
     per_layer = spec.shape[1:] if spec.stacked else spec.shape
     if spec.in_ndim is not None:
         hf_array = hf_array.T
     return hf_array.reshape(per_layer)
 
 
-def _to_hf(param_slice: np.ndarray, spec: ParamSpec, path: Path) -> np.ndarray:
+def to_hf_layout(param_slice: np.ndarray, spec: ParamSpec, path: Path) -> np.ndarray:
     if spec.in_ndim is not None:
         in_size = math.prod(param_slice.shape[:spec.in_ndim])
         return param_slice.reshape(in_size, -1).T
@@ -148,7 +148,7 @@ def iter_params(folder: str, cfg: ModelConfig, dtype=None) -> Iterator[tuple[Pat
                 raise ConversionError(
                     f"tensor {entry.hf_name} in {ref.file} has shape {ref.shape}; the config "
                     f"({os.path.join(folder, 'config.json')}) implies {expected}")
-            value = _to_param(ref.load(), spec)
+            value = to_param_layout(ref.load(), spec)
             if entry.layer is None:
                 out[...] = value
             else:
@@ -189,7 +189,7 @@ def save_hf(folder: str, cfg: ModelConfig, params: dict, *, hf_config: transform
     def produce():
         for e in table:
             leaf = flat[e.path] if e.layer is None else flat[e.path][e.layer]
-            yield _to_hf(np.asarray(jax.device_get(leaf)), specs[e.path], e.path)
+            yield to_hf_layout(np.asarray(jax.device_get(leaf)), specs[e.path], e.path)
 
     kwargs = {} if shard_limit is None else {"shard_limit": shard_limit}
     written = write_checkpoint(folder, declared, produce(), **kwargs)

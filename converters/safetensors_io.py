@@ -113,7 +113,7 @@ def checkpoint_tensors(folder: str) -> dict[str, TensorRef]:
     raise ConversionError(f"no {SINGLE_NAME} or {INDEX_NAME} in {folder}")
 
 
-def _write_file(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
+def write_file(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
                 produce: Iterator[np.ndarray]) -> None:
     header, offset = {}, 0
     for name, shape, dtype in tensors:
@@ -153,7 +153,7 @@ def write_checkpoint(folder: str, tensors: list[tuple[str, tuple[int, ...], np.d
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     produce = iter(produce)
     for name, shard in zip(names, shards):
-        _write_file(os.path.join(folder, name), shard, (next(produce) for _ in shard))
+        write_file(os.path.join(folder, name), shard, (next(produce) for _ in shard))
     if len(shards) > 1:
         weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
         total = sum(math.prod(t[1]) * t[2].itemsize for t in tensors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,9 @@ from flax import traverse_util
 
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.transformer import forward
+
+if TYPE_CHECKING:
+    from jaxtune.lora import LoraConfig
 
 
 @dataclasses.dataclass
@@ -24,6 +28,7 @@ class PretrainedModel:
     path: str | None = None
     compute_dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    adapter_config: LoraConfig | None = None  # set when a PEFT adapter was loaded on top
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """float32 logits `[B, S, V]` for int token ids `[B, S]`.
@@ -38,11 +43,12 @@ class PretrainedModel:
             self.params, input_ids, segment_ids, positions)
 
     def save(self, folder: str, tokenizer_dir: str | None = None) -> list[str]:
-        """Write an HF folder (config, generation config, safetensors, tokenizer files)."""
-        from jaxtune.converters.hf import save_hf
+        """Write an HF folder (config, generation config, safetensors, tokenizer files); an adapter
+        loaded on top is merged into the weights."""
+        from jaxtune.converters.peft import export_merged
 
-        return save_hf(folder, self.config, self.params, hf_config=self.hf_config,
-                       tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else self.path)
+        return export_merged(folder, self.params, self.config, hf_config=self.hf_config,
+                             tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else self.path)
 
 
 @functools.cache
@@ -54,11 +60,12 @@ def _jitted_forward(cfg: ModelConfig, dtype, attention: str):
     return jax.jit(run)
 
 
-def load_pretrained(path: str, dtype: str | None = "float32", *, compute_dtype: str | None = None,
-                    attention: str = "xla") -> PretrainedModel:
+def load_pretrained(path: str, dtype: str | None = "float32", adapter: str | None = None, *,
+                    compute_dtype: str | None = None, attention: str = "xla") -> PretrainedModel:
     """Load an HF model folder (`config.json` + safetensors) as a `PretrainedModel`.
 
     `dtype` is the params' dtype (None keeps the checkpoint's); `compute_dtype` defaults to it.
+    `adapter` is a PEFT LoRA adapter folder applied on top (its weights keep their own dtype).
     Params are placed on the default device one tensor at a time. Raises `ConversionError` naming
     the file or tensor for anything that does not fit.
     """
@@ -69,5 +76,10 @@ def load_pretrained(path: str, dtype: str | None = "float32", *, compute_dtype: 
     params = traverse_util.unflatten_dict(flat)
     first = next(iter(flat.values()))
     compute = jnp.dtype(compute_dtype) if compute_dtype is not None else jnp.dtype(first.dtype)
+    adapter_config = None
+    if adapter is not None:
+        from jaxtune.converters.peft import load_adapter
+
+        params, adapter_config = load_adapter(adapter, params, cfg)
     return PretrainedModel(config=cfg, params=params, hf_config=hf, path=path, compute_dtype=compute,
-                           attention=attention)
+                           attention=attention, adapter_config=adapter_config)

@@ -109,12 +109,12 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
         elif spec.init == "zeros":
             flat[path] = jnp.zeros(spec.shape, dtype)
         else:
-            key = jax.random.fold_in(rng, _path_seed(path))
+            key = jax.random.fold_in(rng, path_seed(path))
             flat[path] = (cfg.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
     return traverse_util.unflatten_dict(flat)
 
 
-def _path_seed(path: Path) -> int:
+def path_seed(path: Path) -> int:
     # A stable 31-bit hash of the path (Python's hash() is salted per process).
     h = 0
     for ch in "/".join(path).encode():
