@@ -59,3 +59,16 @@ def test_packed_row_equals_sequences_run_alone(case, tmp_path):
     alone_b = np.asarray(model(b[None]))[0]
     np.testing.assert_allclose(logits[:7], alone_a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits[7:], alone_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mistral-window", "qwen2-window"])
+def test_pallas_attention_backend_matches_xla_on_packed_rows(case, tmp_path):
+    # The model with our flash kernel (interpret mode on CPU) gives the XLA path's logits on packed
+    # rows with per-layer sliding windows.
+    tiny_hf.save_model(case, tmp_path)
+    xla = jaxtune.load_pretrained(str(tmp_path))
+    pallas = jaxtune.load_pretrained(str(tmp_path), attention="pallas")
+    ids = np.arange(16)[None] % 97
+    seg = np.array([[1] * 9 + [2] * 7])
+    pos = np.array([list(range(9)) + list(range(7))])
+    np.testing.assert_allclose(np.asarray(pallas(ids, seg, pos)), np.asarray(xla(ids, seg, pos)), rtol=1e-5, atol=1e-5)

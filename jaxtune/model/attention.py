@@ -3,7 +3,8 @@
 A token at index q sees a key at index k when k <= q, both carry the same segment id (packed
 sequences never see each other), and, for sliding-window layers, q - k < window. The plain-XLA
 path here materialises the `[B, KH, G, T, S]` scores; the Pallas flash kernel
-(`jaxtune.kernels.flash_attention`) applies the same rules blockwise without doing so.
+(`jaxtune.kernels.flash_attention`) applies the same rules blockwise without doing so, and cuDNN
+(fastest, but without segment ids) serves unpacked rows.
 """
 
 from __future__ import annotations
@@ -54,4 +55,11 @@ def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segm
         # The trainer picks it only when sample_packing is off and no layer has a sliding window.
         return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, scale=sm_scale, is_causal=True,
                                             implementation="cudnn")
-    raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn")
+    if backend == "pallas":
+        # Our flash kernel: segment ids and (traced, per-layer) sliding windows, blockwise; on CPU
+        # it runs in Pallas interpret mode (tests), on GPU lowered through Triton.
+        from jaxtune.kernels.flash_attention import flash_attention
+
+        return flash_attention(q_btnh, k_btkh, v_btkh, segment_ids=segment_ids_bt, causal=True, sm_scale=sm_scale,
+                               window=window, interpret=jax.default_backend() == "cpu")
+    raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn, pallas")

@@ -20,7 +20,9 @@ from jax.experimental import multihost_utils
 
 from jaxtune.config import Config, dump_resolved
 from jaxtune.config.schema import OPTIMIZERS as OPTIMIZER_RULES
-from jaxtune.converters.hf import iter_params, load_hf_config, save_hf
+from jaxtune import lora
+from jaxtune.converters.hf import save_hf
+from jaxtune.converters.peft import export_peft
 from jaxtune.errors import CheckpointError, JaxtuneError
 from jaxtune.mesh import make_mesh
 from jaxtune.model.config import ModelConfig
@@ -30,7 +32,8 @@ from jaxtune.train.batches import TrainData, prepare_data
 from jaxtune.train.checkpoints import Checkpoints, abstract_like
 from jaxtune.train.evaluation import make_eval_step, evaluate
 from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
-from jaxtune.train.placement import batch_sharding, create_state, params_shardings, place_params, state_shardings
+from jaxtune.train.model_setup import ModelSetup, build_model
+from jaxtune.train.placement import batch_sharding, create_state, state_shardings
 from jaxtune.train.reporting import Reporter, summary
 from jaxtune.train.state import combine, partition
 from jaxtune.train.step import StepSettings, make_train_step
@@ -71,11 +74,22 @@ def every(value, total_steps: int, steps_per_epoch: int, per_epoch: int | None) 
     return max(1, int(round(value * total_steps))) if value < 1 else int(value)
 
 
-def load_model(cfg: Config, mesh, rules, dtype) -> tuple[ModelConfig, object, dict]:
-    """Model config, HF config, and params placed in their shards tensor by tensor."""
-    model_cfg, hf_config = load_hf_config(cfg.base_model_config)
-    params = place_params(model_cfg, mesh, rules, iter_params(cfg.base_model, model_cfg, dtype=dtype))
-    return model_cfg, hf_config, params
+def export_final(cfg: Config, setup: ModelSetup, state, frozen, out_dir: str) -> dict[str, str]:
+    """The run's deliverable: `adapter/` (PEFT) for LoRA/QLoRA, `model/` (HF folder) otherwise."""
+    if setup.lora_cfg is not None:
+        trainable = state.trainable
+        if jax.process_count() > 1:  # adapters may be sharded across hosts: gather (they are small)
+            trainable = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), trainable)
+        folder = os.path.join(out_dir, "adapter")
+        if jax.process_index() == 0:
+            export_peft(folder, combine(trainable, frozen), setup.model_cfg, setup.lora_cfg,
+                        base_model_name_or_path=cfg.base_model)
+        return {"adapter": folder}
+    params = _export_params(combine(state.trainable, frozen), checkpoint_dtype(setup.hf_config))
+    folder = os.path.join(out_dir, "model")
+    if jax.process_index() == 0:
+        save_hf(folder, setup.model_cfg, params, hf_config=setup.hf_config, tokenizer_dir=cfg.tokenizer_config)
+    return {"model": folder}
 
 
 def train(cfg: Config) -> RunResult:
@@ -93,20 +107,14 @@ def train(cfg: Config) -> RunResult:
     steps_per_epoch = data.steps_per_epoch
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
 
-    if cfg.adapter is not None:
-        raise JaxtuneError(f"adapter: {cfg.adapter} training is not wired into the trainer yet; "
-                           "run a full fine-tune (remove `adapter`)")
-    model_cfg, hf_config, params = load_model(cfg, mesh, rules, jnp.float32 if cfg.param_dtype == "float32"
-                                              else jnp.bfloat16)
-    mask = jax.tree.map(lambda _: True, params)
-    trainable, frozen = partition(params, mask)
-    del params
+    setup = build_model(cfg, mesh, rules, dtype)
+    model_cfg = setup.model_cfg
+    trainable, frozen = partition(setup.params, setup.mask)
+    del setup.params
 
     tx, schedule = make_optimizer(optimizer_settings(cfg, total_steps), total_steps)
-    trainable_sh = params_shardings(model_cfg, mesh, rules)
-    trainable_sh = jax.tree.map(lambda s, m: s if m else None, trainable_sh, mask)
+    trainable_sh, frozen_sh = partition(setup.shardings, setup.mask)
     state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda: trainable), mesh)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     batch_sh = batch_sharding(mesh, rules)
     state = create_state(trainable, tx, jax.random.key(cfg.seed), state_sh)
     del trainable
@@ -122,7 +130,8 @@ def train(cfg: Config) -> RunResult:
 
     settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg, model_cfg), remat=cfg.remat_policy,
                             ce_chunk_tokens=4096)
-    step_fn = make_train_step(model_cfg, tx, schedule, settings)
+    step_fn = make_train_step(model_cfg, tx, schedule, settings,
+                              with_rng=lora.with_dropout_keys if setup.lora_cfg is not None else None)
     reporter = Reporter(out_dir, total_steps, start_step=start_step, use_tensorboard=cfg.use_tensorboard,
                         wandb_project=cfg.wandb_project,
                         wandb_kwargs=dict(entity=cfg.wandb_entity, name=cfg.wandb_name), run_config=cfg.to_dict())
@@ -188,11 +197,7 @@ def train(cfg: Config) -> RunResult:
 
     outputs = {"metrics": os.path.join(out_dir, "metrics.jsonl"), "checkpoints": checkpoints.directory}
     if not interrupted:
-        params = _export_params(combine(state.trainable, frozen), _checkpoint_dtype(hf_config))
-        model_dir = os.path.join(out_dir, "model")
-        if jax.process_index() == 0:
-            save_hf(model_dir, model_cfg, params, hf_config=hf_config, tokenizer_dir=cfg.tokenizer_config)
-        outputs["model"] = model_dir
+        outputs.update(export_final(cfg, setup, state, frozen, out_dir))
     reporter.message(summary(steps=int(state.step), tokens=tokens_done, seconds=seconds, final_loss=final_loss,
                              eval_loss=eval_loss, outputs=outputs,
                              flops_per_token=6 * model_cfg.num_params))
@@ -201,7 +206,7 @@ def train(cfg: Config) -> RunResult:
                      interrupted=interrupted)
 
 
-def _checkpoint_dtype(hf_config) -> jnp.dtype:
+def checkpoint_dtype(hf_config) -> jnp.dtype:
     """The base checkpoint's dtype (exports keep it), float32 if the config does not say."""
     name = str(getattr(hf_config, "dtype", None) or "float32").removeprefix("torch.")
     return jnp.dtype(name)
@@ -235,14 +240,12 @@ def _finish_step(pending, watchdog: LossWatchdog) -> float:
 
 
 def _attention_backend(cfg: Config, model_cfg: ModelConfig) -> str:
-    """The attention backend for this run. cuDNN cannot keep packed sequences apart or apply a
-    sliding window, so it is only chosen (or allowed) for unpacked rows of full-attention models."""
-    cudnn_ok = not cfg.sample_packing and not model_cfg.has_sliding_window
+    """The attention backend for this run. `auto`: on GPU our Pallas flash kernel (packed rows,
+    sliding windows), on CPU plain XLA (Pallas interpret mode is for tests). cuDNN is faster for
+    unpacked rows but cannot keep packed sequences apart, so it must be asked for and fit."""
     if cfg.attention == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" and cudnn_ok else "xla"
-    if cfg.attention == "cudnn" and not cudnn_ok:
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    if cfg.attention == "cudnn" and (cfg.sample_packing or model_cfg.has_sliding_window):
         raise JaxtuneError("attention: cudnn cannot mask packed sequences or sliding windows; set "
-                           "sample_packing: false (and use a model without sliding windows), or attention: xla")
-    if cfg.attention in ("xla", "cudnn"):
-        return cfg.attention
-    raise JaxtuneError(f"attention: {cfg.attention!r} is not available in this build; use auto, xla or cudnn")
+                           "sample_packing: false (and use a model without sliding windows), or attention: auto")
+    return cfg.attention
