@@ -115,6 +115,15 @@ def test_cross_field_rules():
     assert errors_of({**MINIMAL, "adapter": "lora"})["lora_target_modules"].startswith("adapter lora needs")
 
 
+def test_dora_and_8bit_bases_go_with_an_adapter_only():
+    lora = {**MINIMAL, "adapter": "lora", "lora_target_linear": True}
+    assert errors_of({**lora, "peft_use_dora": True, "load_in_8bit": True}) == {}
+    assert "adapter" in errors_of({**MINIMAL, "peft_use_dora": True})["peft_use_dora"]
+    assert "use adapter: lora" in errors_of({**MINIMAL, "load_in_8bit": True})["load_in_8bit"]
+    assert "choose one" in errors_of({**lora, "adapter": "qlora", "load_in_4bit": True,
+                                      "load_in_8bit": True})["load_in_8bit"]
+
+
 def test_missing_required_keys():
     found = errors_of({"datasets": [{"type": "alpaca"}]})
     assert found["base_model"] == "missing required key"

@@ -123,3 +123,26 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     done = run(command(tmp_path, f"output_dir={blocker / 'out'}"))
     assert done.returncode == 2
     assert f"output_dir: cannot write to {blocker / 'out'}" in done.stderr
+
+
+@pytest.mark.slow
+def test_lora_run_writes_a_peft_adapter_that_export_reproduces(tmp_path):
+    lora = ["adapter=lora", "lora_target_linear=true", "lora_r=4", "lora_alpha=8", "lora_dropout=0.1", "max_steps=4"]
+    done = run(command(tmp_path, *lora))
+    assert done.returncode == 0, done.stderr
+    adapter = tmp_path / "out" / "adapter"
+    config = json.load(open(adapter / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    again = subprocess.run([sys.executable, "-m", "jaxtune.export", "--config", QUICKSTART, "--format", "peft",
+                            "--out", str(tmp_path / "again")] + command(tmp_path, *lora)[5:],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == \
+        (adapter / "adapter_model.safetensors").read_bytes()
+    import jaxtune
+    import numpy as np
+
+    base = jaxtune.load_pretrained(os.path.join(ROOT, "configs", "quickstart", "model"))
+    tuned = jaxtune.load_pretrained(os.path.join(ROOT, "configs", "quickstart", "model"), adapter=str(adapter))
+    ids = np.arange(1, 12)[None]
+    assert not np.allclose(np.asarray(base(ids)), np.asarray(tuned(ids)))  # the adapter was trained

@@ -163,9 +163,9 @@ class Config:
     lora_modules_to_save: tuple[str, ...] = _help(
         (), help="modules trained in full next to LoRA: embed_tokens, lm_head")
     peft_use_rslora: bool = _help(False, help="rank-stabilised LoRA: scale = alpha / sqrt(r)")
-    peft_use_dora: bool = _help(False, help="weight-decomposed LoRA (DoRA; not implemented)")
+    peft_use_dora: bool = _help(False, help="weight-decomposed LoRA (DoRA, as PEFT computes it)")
     load_in_4bit: bool = _help(False, help="store the frozen base in 4 bits (required by qlora)")
-    load_in_8bit: bool = _help(False, help="store the frozen base in 8 bits (not implemented)")
+    load_in_8bit: bool = _help(False, help="store the frozen base in 8 bits (row-wise int8, with adapter: lora)")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _help(
         "nf4", help="4-bit code book (nf4; fp4 is not implemented)")
     bnb_4bit_use_double_quant: bool = _help(True, help="quantize the 4-bit block scales too")
@@ -328,10 +328,12 @@ def _adapter_problems(c: Config) -> list[Problem]:
     elif c.load_in_4bit:
         p.append(Problem("load_in_4bit", "4-bit bases are frozen: use adapter: qlora"))
     if c.load_in_8bit:
-        p.append(Problem("load_in_8bit",
-                         "8-bit bases are not implemented; use adapter: qlora with load_in_4bit"))
-    if c.peft_use_dora:
-        p.append(Problem("peft_use_dora", "DoRA is not implemented; it would change what is trained"))
+        if c.load_in_4bit:
+            p.append(Problem("load_in_8bit", "load_in_4bit and load_in_8bit are both set; choose one"))
+        elif c.adapter != "lora":
+            p.append(Problem("load_in_8bit", "8-bit bases are frozen: use adapter: lora"))
+    if c.peft_use_dora and not c.adapter:
+        p.append(Problem("peft_use_dora", "DoRA is a LoRA variant: set adapter: lora or qlora"))
     if c.bnb_4bit_quant_type != "nf4":
         p.append(Problem("bnb_4bit_quant_type", "only nf4 is implemented"))
     if c.lora_alpha <= 0:
