@@ -7,7 +7,8 @@ import pytest
 
 from jaxtune.mesh import make_mesh
 from jaxtune.model.params import init_params, param_specs
-from jaxtune.sharding import activation_sharding, merged_rules
+from jaxtune import lora
+from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
 from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
 from jaxtune.train.placement import batch_sharding, create_state, params_shardings, state_shardings
 from jaxtune.train.state import partition
@@ -17,18 +18,30 @@ from test_train_step import CFG, packed_batch
 STEPS = 10
 
 
-def train(mesh_shape: dict, devices) -> tuple[list[float], dict]:
+LORA = lora.LoraConfig(r=4, alpha=8, dropout=0.1, target_linear=True)
+
+
+def train(mesh_shape: dict, devices, adapter: bool = False) -> tuple[list[float], dict]:
     mesh = make_mesh(mesh_shape, devices)
     rules = merged_rules()
     shardings = params_shardings(CFG, mesh, rules)
     params = jax.jit(lambda k: init_params(CFG, k), out_shardings=shardings)(jax.random.key(1))
-    trainable, frozen = partition(params, jax.tree.map(lambda _: True, params))
+    if adapter:
+        # adapters born in their shards: A/B shard like their base (lora.logical_axes)
+        abstract = jax.eval_shape(lambda p: lora.apply(p, LORA, CFG, jax.random.key(5)), params)
+        shardings = tree_shardings(lora.logical_axes(abstract, CFG), abstract, mesh, rules)
+        params = jax.jit(lambda p: lora.apply(p, LORA, CFG, jax.random.key(5)), out_shardings=shardings)(params)
+        mask = lora.trainable_mask(params, LORA)
+    else:
+        mask = jax.tree.map(lambda _: True, params)
+    trainable, frozen = partition(params, mask)
+    trainable_sh, frozen_sh = partition(shardings, mask)
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=5e-3, warmup_steps=2, weight_decay=0.1), STEPS)
-    state_sh = state_shardings(shardings, tx, jax.eval_shape(lambda: trainable), mesh)
+    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda: trainable), mesh)
     state = create_state(trainable, tx, jax.random.key(2), state_sh)
-    frozen_sh = jax.tree.map(lambda _: None, frozen)
     batch_sh = batch_sharding(mesh, rules)
-    step_fn = make_train_step(CFG, tx, schedule, StepSettings(dtype=jnp.float32, ce_chunk_tokens=32))
+    step_fn = make_train_step(CFG, tx, schedule, StepSettings(dtype=jnp.float32, ce_chunk_tokens=32),
+                              with_rng=lora.with_dropout_keys if adapter else None)
     with activation_sharding(mesh, rules):
         step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
                        donate_argnums=(0,))
@@ -44,14 +57,17 @@ def train(mesh_shape: dict, devices) -> tuple[list[float], dict]:
 
 @pytest.fixture(scope="module")
 def reference():
-    return train({"data": 1}, jax.devices()[:1])
+    return {adapter: train({"data": 1}, jax.devices()[:1], adapter) for adapter in (False, True)}
 
 
-@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2},
-                                        {"tensor": 4, "data": 2}])
-def test_full_finetune_on_mesh_equals_one_device(mesh_shape, reference):
-    ref_losses, ref_params = reference
-    losses, params = train(mesh_shape, jax.devices())
+MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"tensor": 4, "data": 2}]
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+def test_training_on_mesh_equals_one_device(mesh_shape, adapter, reference):
+    ref_losses, ref_params = reference[adapter]
+    losses, params = train(mesh_shape, jax.devices(), adapter)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params)
     assert losses[-1] + losses[-2] < losses[0] + losses[1]  # two batches, cycled: it learns them
