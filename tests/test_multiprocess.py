@@ -1,7 +1,6 @@
 """Two processes joined by `jax.distributed` on localhost (CPU collectives) train exactly as one
 process driving the same number of devices."""
 
-import json
 import os
 import socket
 import subprocess

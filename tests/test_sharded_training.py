@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxtune.mesh import make_mesh
-from jaxtune.model.params import init_params, param_specs
+from jaxtune.model.params import init_params
 from jaxtune import lora
 from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
 from jaxtune.train.optimizer import OptimizerSettings, make_optimizer

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.params import init_params

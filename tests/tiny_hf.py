@@ -6,6 +6,7 @@ converter that drops or misplaces them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 

@@ -114,7 +114,7 @@ def train(cfg: Config) -> RunResult:
 
     tx, schedule = make_optimizer(optimizer_settings(cfg, total_steps), total_steps)
     trainable_sh, frozen_sh = partition(setup.shardings, setup.mask)
-    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda: trainable), mesh)
+    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda t: t, trainable), mesh)
     batch_sh = batch_sharding(mesh, rules)
     state = create_state(trainable, tx, jax.random.key(cfg.seed), state_sh)
     del trainable
