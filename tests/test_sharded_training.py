@@ -82,3 +82,15 @@ def test_params_are_actually_sharded():
     assert tuple(down) == (None, "tensor", "fsdp")
     # vocab 61 is not divisible by tensor=2, so that dimension stays replicated rather than failing.
     assert tuple(sh["embed_tokens"]["embedding"].spec) == (None, "fsdp")
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
+    from jaxtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not divide 8 devices"):
+        make_mesh({"data": 3, "fsdp": -1})
+    with pytest.raises(ConfigError, match="use 4 devices, but 8 are present"):
+        make_mesh({"data": 2, "tensor": 2})
+    with pytest.raises(ConfigError, match="unknown axis 'pipeline'"):
+        make_mesh({"pipeline": 2})
+    assert dict(make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}

@@ -8,6 +8,8 @@ function (`type: my_module:my_function`) returning the same (text, trained) piec
 
 from __future__ import annotations
 
+import abc
+
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -22,8 +24,9 @@ from jaxtune.errors import ConfigError
 class SegmentsFormat(RowFormat):
     """Rows given as (text, trained) pieces; subclasses say how a row yields its pieces."""
 
+    @abc.abstractmethod
     def pieces(self, row: dict[str, Any]) -> list[tuple[str, bool]] | EncodedRow:
-        raise NotImplementedError
+        """The row's (text, trained) pieces, or an already encoded row; a RowError if malformed."""
 
     def encode(self, rows):
         results: list[EncodedRow | RowError | None] = []
