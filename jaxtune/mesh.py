@@ -16,7 +16,6 @@ from jaxtune.config.schema import MESH_AXES as AXES, MeshConfig
 from jaxtune.errors import ConfigError
 
 
-
 def make_mesh(requested: dict[str, int], devices: list | None = None) -> Mesh:
     """A `Mesh` with axes (data, fsdp, tensor, sequence), tensor innermost (fastest links)."""
     devices = list(jax.devices()) if devices is None else list(devices)

@@ -146,3 +146,12 @@ def test_lora_run_writes_a_peft_adapter_that_export_reproduces(tmp_path):
     tuned = jaxtune.load_pretrained(os.path.join(ROOT, "configs", "quickstart", "model"), adapter=str(adapter))
     ids = np.arange(1, 12)[None]
     assert not np.allclose(np.asarray(base(ids)), np.asarray(tuned(ids)))  # the adapter was trained
+
+
+def test_watchdog_counts_each_step_once_however_often_it_is_settled():
+    dog = LossWatchdog(threshold=1.0, patience=2)
+    for _ in range(3):  # e.g. settled at dispatch, at logging and at saving of the same step
+        assert dog.settle(1, {"loss": 5.0}) == 5.0
+    assert dog.strikes == 1
+    with pytest.raises(TrainingStopped):
+        dog.settle(2, {"loss": 5.0})

@@ -152,21 +152,22 @@ def train(cfg: Config) -> RunResult:
             jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
                              out_shardings=(state_sh, None), donate_argnums=(0,))
             eval_step = make_eval_step(model_cfg, settings, state_sh, frozen_sh, batch_sh)
-            pending = None  # (step, metrics on device, tokens, time dispatched) of the last step
+            pending = None  # (step, metrics still on device) of the newest dispatched step
             window_tokens, window_start = 0, time.perf_counter()
             for step in range(start_step + 1, total_steps + 1):
                 host_batch = data.train.next_batch()
                 batch = data.to_device(host_batch, batch_sh, accum)
                 state, metrics = jitted(state, frozen, batch)
-                tokens = int(np.count_nonzero(host_batch["segment_ids"]))
+                # This process's non-padding tokens; processes hold equal shares of each step's rows.
+                tokens = int(np.count_nonzero(host_batch["segment_ids"])) * jax.process_count()
                 if pending is not None:
-                    final_loss = _finish_step(pending, watchdog)
-                pending = (step, metrics, tokens)
+                    final_loss = watchdog.settle(*pending)
+                pending = (step, metrics)
                 tokens_done += tokens
                 window_tokens += tokens
                 last = step == total_steps
                 if step % log_every == 0 or last:
-                    final_loss = _finish_step(pending, watchdog)
+                    final_loss = watchdog.settle(*pending)
                     elapsed = time.perf_counter() - window_start
                     reporter.log({"step": step, "loss": final_loss, "lr": float(metrics["lr"]),
                                   "grad_norm": float(metrics["grad_norm"]),
@@ -177,7 +178,7 @@ def train(cfg: Config) -> RunResult:
                     eval_loss = evaluate(eval_step, state, frozen, data, batch_sh, accum)
                     reporter.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
                 if (save_every and step % save_every == 0) or last or stop_signal:
-                    final_loss = _finish_step(pending, watchdog)
+                    final_loss = watchdog.settle(*pending)  # never save a state whose loss failed
                     checkpoints.save(step, state, data.train.get_state(), force=True)
                 if stop_signal:
                     interrupted = True
@@ -230,13 +231,6 @@ def _check_writable(out_dir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise CheckpointError(f"output_dir: cannot write to {out_dir}: {e.strerror}") from None
-
-
-def _finish_step(pending, watchdog: LossWatchdog) -> float:
-    step, metrics, _ = pending
-    loss = float(metrics["loss"])
-    watchdog.check(step, loss)
-    return loss
 
 
 def _attention_backend(cfg: Config, model_cfg: ModelConfig) -> str:

@@ -17,6 +17,16 @@ class LossWatchdog:
         self.threshold = threshold
         self.patience = max(1, patience)
         self.strikes = 0
+        self._settled: tuple[int, float] | None = None
+
+    def settle(self, step: int, metrics: dict) -> float:
+        """Fetch step `step`'s loss from the device and check it, once per step (later calls for
+        the same step return the same loss without counting it again)."""
+        if self._settled is None or self._settled[0] != step:
+            loss = float(metrics["loss"])
+            self.check(step, loss)
+            self._settled = (step, loss)
+        return self._settled[1]
 
     def check(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):
