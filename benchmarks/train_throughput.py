@@ -59,7 +59,7 @@ def flops_per_token(shape: dict, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- jaxtune
-def run_jaxtune(case: Case, shape: dict, steps: int) -> dict:
+def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -88,7 +88,7 @@ def run_jaxtune(case: Case, shape: dict, steps: int) -> dict:
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
     state = jax.jit(lambda t: init_state(t, tx, jax.random.key(2)))(trainable)
     del trainable
-    settings = StepSettings(dtype=jnp.bfloat16, attention="cudnn" if on_gpu else "xla",
+    settings = StepSettings(dtype=jnp.bfloat16, attention=attention if on_gpu else "xla",
                             remat="nothing_saveable" if case.checkpointing else None)
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), donate_argnums=(0,))
     rng = jax.random.key(3)
@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sides", nargs="+", default=["jaxtune", "torch"], choices=["jaxtune", "torch"])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--attention", default="cudnn", choices=["cudnn", "pallas", "xla"],
+                        help="jaxtune's attention backend (cudnn: unpacked rows only, as here)")
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -211,7 +213,10 @@ def main() -> None:
         if args.tiny:
             case = dataclasses.replace(case, seq=64, batch=2)
         shape = SHAPES["tiny" if args.tiny else case.shape]
-        result = (run_jaxtune if side == "jaxtune" else run_torch)(case, shape, args.steps)
+        if side == "jaxtune":
+            result = run_jaxtune(case, shape, args.steps, args.attention)
+        else:
+            result = run_torch(case, shape, args.steps)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -223,8 +228,8 @@ def main() -> None:
         fpt = flops_per_token(SHAPES["tiny" if args.tiny else case.shape], seq)
         results = {}
         for side in args.sides:
-            cmd = [sys.executable, __file__, "--worker", side, name, "--steps", str(args.steps)] + (
-                ["--tiny"] if args.tiny else [])
+            cmd = [sys.executable, __file__, "--worker", side, name, "--steps", str(args.steps),
+                   "--attention", args.attention] + (["--tiny"] if args.tiny else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
