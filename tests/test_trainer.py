@@ -147,6 +147,12 @@ def test_lora_run_writes_a_peft_adapter_that_export_reproduces(tmp_path):
     ids = np.arange(1, 12)[None]
     assert not np.allclose(np.asarray(base(ids)), np.asarray(tuned(ids)))  # the adapter was trained
 
+    # lora_model_dir: a new run starts from the trained adapter instead of B = 0
+    cont = tmp_path / "continued"
+    resumed = run(command(cont, *lora[:-1], "max_steps=1", f"lora_model_dir={adapter}"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(cont / "out")[1] < losses(tmp_path / "out")[1]
+
 
 def test_watchdog_counts_each_step_once_however_often_it_is_settled():
     dog = LossWatchdog(threshold=1.0, patience=2)
