@@ -85,6 +85,12 @@ def activation_sharding(mesh: Mesh, rules: dict[str, MeshAxes]):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` block (None outside one)."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()

@@ -161,3 +161,20 @@ def test_watchdog_counts_each_step_once_however_often_it_is_settled():
     assert dog.strikes == 1
     with pytest.raises(TrainingStopped):
         dog.settle(2, {"loss": 5.0})
+
+
+@pytest.mark.slow
+def test_ring_attention_run_logs_the_losses_of_one_device(tmp_path):
+    # mesh sequence=4 x data=2 on 8 CPU devices (ring attention in Pallas interpret mode, zigzag
+    # rows) against one device running plain XLA attention on the same 8 rows per step.
+    steps = ["max_steps=3", "sample_packing=true"]
+    one = run(command(tmp_path / "one", *steps, "micro_batch_size=8"))
+    assert one.returncode == 0, one.stderr
+    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    ring = subprocess.run(command(tmp_path / "ring", *steps, "micro_batch_size=4", "mesh.sequence=4", "mesh.data=2"),
+                          cwd=ROOT, env=env8, capture_output=True, text=True, timeout=900)
+    assert ring.returncode == 0, ring.stderr
+    expected, got = losses(tmp_path / "one" / "out"), losses(tmp_path / "ring" / "out")
+    assert sorted(got) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=2e-5), step

@@ -62,4 +62,17 @@ def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segm
 
         return flash_attention(q_btnh, k_btkh, v_btkh, segment_ids=segment_ids_bt, causal=True, sm_scale=sm_scale,
                                window=window, interpret=jax.default_backend() == "cpu")
-    raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn, pallas")
+    if backend == "ring":
+        # Context parallelism: the length axis is sharded over the mesh's `sequence` axis in the
+        # zigzag layout (the trainer permutes the batch), K/V travel around the ring. The window
+        # must be static here (one size for every layer, or none).
+        from jaxtune.kernels.ring_attention import ring_attention
+        from jaxtune.sharding import active_mesh
+
+        mesh = active_mesh()
+        if mesh is None:
+            raise ValueError("attention backend 'ring' needs a mesh (run inside jaxtune.sharding.activation_sharding)")
+        return ring_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, mesh=mesh, causal=True, sm_scale=sm_scale,
+                              window=window if isinstance(window, int) and window > 0 else None,
+                              interpret=jax.default_backend() == "cpu", layout="zigzag")
+    raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn, pallas, ring")

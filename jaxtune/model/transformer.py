@@ -106,7 +106,14 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
     cos_bth, sin_bth = rope_cos_sin(cfg.rope, cfg.head_dim, positions)
     windows_l = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_layers, jnp.int32)
 
+    if attention == "ring":  # ring attention needs the window as a Python int
+        windows = set(cfg.sliding_windows or (0,))
+        if len(windows) > 1:
+            raise ValueError(f"ring attention needs one sliding window for all layers, got {sorted(windows)}")
+        static_window = windows.pop()
+
     def attend(q_btnh, k_btkh, v_btkh, window, _):
+        window = static_window if attention == "ring" else window
         return self_attention(q_btnh, k_btkh, v_btkh, segment_ids, window=window, backend=attention), None
 
     def body(h, layer_and_window):

@@ -20,6 +20,8 @@ from jaxtune.config import Config
 from jaxtune.data.loader import Loader, make_loader
 from jaxtune.data.prepare import PreparedData, prepare_datasets
 from jaxtune.errors import ConfigError
+from jaxtune.kernels.ring_attention import zigzag_permutation
+from jaxtune.train.loss import next_token_targets
 
 
 @dataclasses.dataclass
@@ -51,9 +53,19 @@ class TrainData:
     eval: EvalLoader | None
     steps_per_epoch: int
     accum: int
+    context_parallel: int = 1  # mesh.sequence: > 1 means ring attention over zigzag-ordered rows
 
     def to_device(self, host_batch: dict[str, np.ndarray], sharding: NamedSharding, accum: int) -> dict:
-        """This process's rows `[accum * local_rows, T]` → the global `[accum, rows, T]` arrays."""
+        """This process's rows `[accum * local_rows, T]` → the global `[accum, rows, T]` arrays.
+
+        With context parallelism the next-token targets are computed here, in token order, and
+        then every array is put in the zigzag layout ring attention balances its work with.
+        """
+        if self.context_parallel > 1:
+            host_batch = dict(host_batch)
+            host_batch["targets"] = np.asarray(next_token_targets(host_batch["labels"], host_batch["segment_ids"]))
+            perm = zigzag_permutation(host_batch["input_ids"].shape[-1], self.context_parallel)
+            host_batch = {name: array[:, perm] for name, array in host_batch.items()}
         out = {}
         for name, local in host_batch.items():
             local = local.reshape(accum, -1, local.shape[-1])
@@ -85,5 +97,9 @@ def prepare_data(cfg: Config, mesh: Mesh) -> TrainData:
     if prepared.eval is not None and len(prepared.eval):
         evaluation = EvalLoader(lambda: make_loader(prepared.eval, batch_size=local_rows, shuffle=False,
                                                     num_epochs=1, drop_remainder=False))
+    context_parallel = mesh.shape["sequence"]
+    if cfg.sequence_len % (2 * context_parallel):
+        raise ConfigError(f"sequence_len {cfg.sequence_len} must be divisible by 2 × mesh.sequence "
+                          f"({2 * context_parallel}) for the zigzag layout of ring attention")
     return TrainData(prepared, TrainLoader(train), evaluation, max(1, train.steps_per_epoch),
-                     cfg.gradient_accumulation_steps)
+                     cfg.gradient_accumulation_steps, context_parallel)

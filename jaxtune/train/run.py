@@ -128,7 +128,8 @@ def train(cfg: Config) -> RunResult:
         start_step, state, loader_state = source.restore(abstract_like(state), step_to_load)
         data.train.set_state(loader_state)
 
-    settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg, model_cfg), remat=cfg.remat_policy,
+    settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg, model_cfg, mesh.shape["sequence"]),
+                            remat=cfg.remat_policy,
                             ce_chunk_tokens=4096)
     step_fn = make_train_step(model_cfg, tx, schedule, settings,
                               with_rng=lora.with_dropout_keys if setup.lora_cfg is not None else None)
@@ -233,10 +234,17 @@ def _check_writable(out_dir: str) -> None:
         raise CheckpointError(f"output_dir: cannot write to {out_dir}: {e.strerror}") from None
 
 
-def _attention_backend(cfg: Config, model_cfg: ModelConfig) -> str:
-    """The attention backend for this run. `auto`: on GPU our Pallas flash kernel (packed rows,
-    sliding windows), on CPU plain XLA (Pallas interpret mode is for tests). cuDNN is faster for
-    unpacked rows but cannot keep packed sequences apart, so it must be asked for and fit."""
+def _attention_backend(cfg: Config, model_cfg: ModelConfig, context_parallel: int) -> str:
+    """The attention backend for this run. `mesh.sequence` > 1: ring attention (the data path
+    then feeds zigzag-ordered rows, which only it handles). Otherwise `auto` picks our Pallas
+    flash kernel on GPU (packed rows, sliding windows) and plain XLA on CPU (Pallas interpret mode
+    is for tests). cuDNN is faster for unpacked rows but cannot keep packed sequences apart, so
+    it must be asked for and fit."""
+    if context_parallel > 1:
+        if cfg.attention not in ("auto", "pallas"):
+            raise JaxtuneError(f"attention: {cfg.attention} cannot run with mesh.sequence = {context_parallel}; "
+                               "context parallelism uses ring attention (attention: auto)")
+        return "ring"
     if cfg.attention == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     if cfg.attention == "cudnn" and (cfg.sample_packing or model_cfg.has_sliding_window):

@@ -34,7 +34,9 @@ def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[
     """(sum of next-token losses, number of target tokens) for one micro-batch `[b, T]`."""
     h_btd = hidden_states(params, cfg, micro["input_ids"], segment_ids=micro["segment_ids"],
                           positions=micro["positions"], dtype=s.dtype, attention=s.attention, remat=s.remat)
-    targets_bt = next_token_targets(micro["labels"], micro["segment_ids"])
+    # With context parallelism the batch arrives in zigzag order, where a token's neighbour in
+    # memory is not its successor: the data path then supplies targets computed beforehand.
+    targets_bt = micro["targets"] if "targets" in micro else next_token_targets(micro["labels"], micro["segment_ids"])
     return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens)
 
 
@@ -68,7 +70,7 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule
             return (loss_sum + micro_sum, count + micro_count, grads), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        micro_batches = {k: batch[k] for k in BATCH_KEYS}
+        micro_batches = {k: batch[k] for k in (*BATCH_KEYS, "targets") if k in batch}
         accum = batch["input_ids"].shape[0]
         (loss_sum, count, grads), _ = jax.lax.scan(
             accumulate, (jnp.float32(0), jnp.int32(0), zeros), (micro_batches, jnp.arange(accum)))
