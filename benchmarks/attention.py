@@ -306,17 +306,7 @@ def sweep(b, s, h, kh, d, causal, log):
 
 def smoke(log):
     ok = True
-    small = fa.BlockSizes(
-        block_q=64,
-        block_kv=32,
-        block_q_dkv=32,
-        block_kv_dkv=64,
-        block_q_dq=64,
-        block_kv_dq=32,
-        num_warps_fwd=4,
-        num_warps_dkv=4,
-        num_warps_dq=4,
-    )
+    small = fa.BlockSizes.tiles(64, 32)
     cases = [  # (B, S, H, KH, D, causal, nseg, dtype, blocks, q_offset, kv_offset, tol)
         (2, 1000, 8, 2, 128, True, 5, jnp.bfloat16, None, 0, 0, 2e-2),
         (2, 777, 6, 3, 64, False, 0, jnp.bfloat16, None, 0, 0, 2e-2),

@@ -41,6 +41,15 @@ class KeyEntry:
     layer: int | None  # index on the stacked `layers` axis, None for unstacked params
 
 
+def read_json(path: str) -> dict:
+    """A JSON file of a checkpoint or adapter folder; a ConversionError naming it if malformed."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+
+
 def load_hf_config(folder: str) -> tuple[ModelConfig, transformers.PretrainedConfig]:
     """The ModelConfig of an HF folder, and transformers' config object (kept for export)."""
     if not os.path.isdir(folder):
@@ -48,11 +57,7 @@ def load_hf_config(folder: str) -> tuple[ModelConfig, transformers.PretrainedCon
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise ConversionError(f"no config.json in model folder {folder}")
-    try:
-        with open(config_path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{config_path} is not valid JSON: {e}") from e
+    raw = read_json(config_path)
     fam = family(raw.get("model_type"), where=config_path)
     try:
         hf = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)

@@ -23,7 +23,7 @@ import transformers
 from flax import traverse_util
 
 from jaxtune import lora, quant
-from jaxtune.converters.hf import to_hf_layout, to_param_layout, hf_shape, key_table, save_hf
+from jaxtune.converters.hf import hf_shape, key_table, read_json, save_hf, to_hf_layout, to_param_layout
 from jaxtune.converters.safetensors_io import write_file, read_header
 from jaxtune.errors import ConversionError
 from jaxtune.model.config import ModelConfig
@@ -146,11 +146,7 @@ def read_adapter_config(folder: str) -> tuple[lora.LoraConfig, dict]:
     if not os.path.exists(path):
         hint = " (it looks like a model folder, not an adapter)" if os.path.exists(os.path.join(folder, "config.json")) else ""
         raise ConversionError(f"no {CONFIG_NAME} in adapter folder {folder}{hint}")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    raw = read_json(path)
     if raw.get("peft_type") != "LORA":
         raise ConversionError(f"{path}: peft_type is {raw.get('peft_type')!r}; jaxtune reads LORA adapters only")
     for key, (inert, meaning) in _UNSUPPORTED.items():

@@ -89,6 +89,14 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name}={b} must be a power of two >= {_MIN_BLOCK}")
 
     @classmethod
+    def tiles(cls, block_q: int, block_kv: int, num_warps: int = 4) -> BlockSizes:
+        """One (queries, keys) tile for all three kernels: the forward and dQ passes walk keys
+        under a query tile, the dK/dV pass walks queries under a key tile, so it swaps the two."""
+        return cls(block_q=block_q, block_kv=block_kv, block_q_dkv=block_kv, block_kv_dkv=block_q,
+                   block_q_dq=block_q, block_kv_dq=block_kv, num_warps_fwd=num_warps,
+                   num_warps_dkv=num_warps, num_warps_dq=num_warps)
+
+    @classmethod
     def get_default(cls, head_dim: int = 128, dtype=jnp.bfloat16) -> BlockSizes:
         """Tiles measured fastest on an H100 (`benchmarks/attention.py --sweep`, RESULTS.md)."""
         if jnp.dtype(dtype) == jnp.float32:

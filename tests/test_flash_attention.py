@@ -16,34 +16,15 @@ INTERPRET = jax.default_backend() == "cpu"
 
 # Small tiles so that a short sequence still spans several blocks (exercises the schedule,
 # the causal split and the online softmax across blocks).
-SMALL = BlockSizes(
-    block_q=32,
-    block_kv=16,
-    block_q_dkv=16,
-    block_kv_dkv=32,
-    block_q_dq=32,
-    block_kv_dq=16,
-    num_warps_fwd=4,
-    num_warps_dkv=4,
-    num_warps_dq=4,
-)
-TALL = BlockSizes(
-    block_q=16,
-    block_kv=32,
-    block_q_dkv=32,
-    block_kv_dkv=16,
-    block_q_dq=16,
-    block_kv_dq=32,
-    num_warps_fwd=4,
-    num_warps_dkv=4,
-    num_warps_dq=4,
-)
+SMALL = BlockSizes.tiles(32, 16)
+TALL = BlockSizes.tiles(16, 32)
 
 
-def _rel(a, b):
+def rel_err(a, b):
+    """Relative L2 error of a kernel result against a reference (NaN/inf fail outright)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    assert np.isfinite(a).all(), "NaN/inf in kernel result"
+    assert np.isfinite(a).all(), "NaN/inf in result"
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
@@ -84,11 +65,11 @@ def _check_against_reference(q, k, v, do, w, tol, **kw):
     o2, l2, g2 = _value_and_grads(flash_attention_reference, q, k, v, do, w, **kw)
     empty = np.isneginf(np.asarray(l2))
     np.testing.assert_array_equal(np.isneginf(np.asarray(l1)), empty)
-    assert _rel(o1, o2) <= tol, ("out", _rel(o1, o2))
-    assert _rel(np.where(empty, 0, l1), np.where(empty, 0, l2)) <= tol
+    assert rel_err(o1, o2) <= tol, ("out", rel_err(o1, o2))
+    assert rel_err(np.where(empty, 0, l1), np.where(empty, 0, l2)) <= tol
     for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert _rel(a, b) <= tol, (name, _rel(a, b))
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
 
 
 # (B, Sq, Skv, H, KH, D, causal, segments, n_segments, blocks)
@@ -134,10 +115,10 @@ def test_half_precision(dtype):
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
     o2, l2, g2 = _value_and_grads(flash_attention_reference, q32, k32, v32, do, w, **kw)
     assert o1.dtype == dtype and all(g.dtype == dtype for g in g1)
-    assert _rel(o1, o2) < 1e-2
-    assert _rel(l1, l2) < 1e-3
+    assert rel_err(o1, o2) < 1e-2
+    assert rel_err(l1, l2) < 1e-3
     for a, b in zip(g1, g2):
-        assert _rel(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2
 
 
 def _merge(parts):
@@ -190,9 +171,9 @@ def test_ring_blocks_merge_to_full_attention():
     full = lambda q, k, v: flash_attention_reference(q, k, v, segment_ids=seg, causal=True)
     o1, vjp1 = jax.vjp(lambda q, k, v: ring(q, k, v, offsets), q, k, v)
     o2, vjp2 = jax.vjp(full, q, k, v)
-    assert _rel(o1, o2) <= 1e-5
+    assert rel_err(o1, o2) <= 1e-5
     for a, b in zip(vjp1(do), vjp2(do)):
-        assert _rel(a, b) <= 1e-5
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_fully_masked_rows_give_zero_and_neg_inf_lse():
@@ -301,7 +282,7 @@ def test_sliding_window_traced():
             flash_attention_reference, q, k, v, do, w, causal=True, window=window
         )
         for a, b in zip((o1, l1, *g1), (o2, l2, *g2)):
-            assert _rel(a, b) <= 1e-5, window
+            assert rel_err(a, b) <= 1e-5, window
 
 
 @pytest.mark.parametrize("bad", ["rank", "kv_heads", "head_dim", "segments", "dtype"])

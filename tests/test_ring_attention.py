@@ -17,27 +17,11 @@ from jaxtune.kernels.ring_attention import (
 )
 
 from jaxtune.mesh import make_mesh
+from test_flash_attention import rel_err
 
 INTERPRET = jax.default_backend() == "cpu"
 # Smallest tiles: shard chunks here are 8..32 tokens long.
-TINY = BlockSizes(
-    block_q=16,
-    block_kv=16,
-    block_q_dkv=16,
-    block_kv_dkv=16,
-    block_q_dq=16,
-    block_kv_dq=16,
-    num_warps_fwd=4,
-    num_warps_dkv=4,
-    num_warps_dq=4,
-)
-
-
-def _rel(a, b):
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    assert np.isfinite(a).all(), "NaN/inf in ring result"
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+TINY = BlockSizes.tiles(16, 16)
 
 
 def _inputs(seed, b, s, h, kh, d, n_seg):
@@ -111,10 +95,10 @@ def test_matches_full_attention(case):
 
     o1, g1 = value_and_grads(q, k, v)
     o2, vjp2 = jax.vjp(full, q, k, v)
-    assert _rel(o1, o2) <= 1e-5, ("out", _rel(o1, o2))
+    assert rel_err(o1, o2) <= 1e-5, ("out", rel_err(o1, o2))
     for name, a, r in zip(("dq", "dk", "dv"), g1, vjp2(do)):
         assert a.shape == r.shape
-        assert _rel(a, r) <= 1e-5, (name, _rel(a, r))
+        assert rel_err(a, r) <= 1e-5, (name, rel_err(a, r))
 
 
 def test_bf16_zigzag_keeps_dtype_and_sharding():
@@ -144,9 +128,9 @@ def test_bf16_zigzag_keeps_dtype_and_sharding():
     nat = [x.astype(jnp.float32)[:, inv] for x in (qb, kb, vb)]
     full = lambda q, k, v: flash_attention_reference(q, k, v, segment_ids=seg[:, inv])
     o2, vjp2 = jax.vjp(full, *nat)
-    assert _rel(o1[:, inv], o2) < 1e-2
+    assert rel_err(o1[:, inv], o2) < 1e-2
     for a, r in zip(g1, vjp2(do[:, inv])):
-        assert _rel(a[:, inv], r) < 2e-2
+        assert rel_err(a[:, inv], r) < 2e-2
 
 
 def test_zigzag_permutation_layout():
