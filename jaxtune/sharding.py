@@ -91,10 +91,29 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
+def active_spec(names: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec | None:
+    """The PartitionSpec `constrain` pins an array of `shape` to (None outside `activation_sharding`)."""
     active = _ACTIVE.get()
     if active is None:
-        return x
+        return None
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition_spec(names, x.shape, mesh, rules)))
+    return partition_spec(names, shape, mesh, rules)
+
+
+def shard_counts(names: tuple[str | None, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """How many pieces each dimension of an array is cut into under the active rules (all 1 outside
+    `activation_sharding`)."""
+    spec = active_spec(names, shape)
+    if spec is None:
+        return (1,) * len(shape)
+    mesh = active_mesh()
+    axes_of = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(math.prod(mesh.shape[a] for a in axes_of(entry)) for entry in spec)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
+    spec = active_spec(names, x.shape)
+    if spec is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active_mesh(), spec))

@@ -94,3 +94,73 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown axis 'pipeline'"):
         make_mesh({"pipeline": 2})
     assert dict(make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+
+
+def test_pallas_attention_runs_per_shard_under_a_mesh():
+    """The flash kernel on a data×fsdp×tensor mesh: each device attends over its own rows and
+    heads (no gather of q/k/v), with the values and gradients of the unsharded kernel."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxtune.model.attention import self_attention
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (4, 32, 4, 16), jnp.float32)
+    k = jax.random.normal(keys[1], (4, 32, 2, 16), jnp.float32)
+    v = jax.random.normal(keys[2], (4, 32, 2, 16), jnp.float32)
+    seg = jnp.asarray(np.repeat(np.array([[1, 1, 2, 3]]), 4, axis=0).repeat(8, axis=1), jnp.int32)
+
+    def loss(q, k, v, seg):
+        out = self_attention(q, k, v, seg, window=jnp.int32(20), backend="pallas")
+        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size), out
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (want_loss, want_out), want_grads = jax.jit(grad)(q, k, v, seg)
+
+    x_sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    args = (jax.device_put(q, x_sh), jax.device_put(k, x_sh), jax.device_put(v, x_sh),
+            jax.device_put(seg, NamedSharding(mesh, P(("data", "fsdp"), None))))
+    with activation_sharding(mesh, merged_rules()):
+        sharded = jax.jit(grad)
+        hlo = sharded.lower(*args).compile().as_text()
+        (got_loss, got_out), got_grads = sharded(*args)
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert got_out.sharding.spec == x_sh.spec
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mesh_shape", [{"data": 4, "sequence": 2}, {"data": 2, "tensor": 4}])
+def test_chunked_cross_entropy_stays_on_its_shards(mesh_shape, fused):
+    """Every device computes the logits of its own tokens (rows over data, length over sequence,
+    vocab over tensor): no hidden states or logits are gathered, and the loss is the unsharded one."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxtune.train.loss import cross_entropy_sum
+
+    mesh = make_mesh(mesh_shape, jax.devices())
+    keys = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(keys[0], (8, 64, 16), jnp.float32)
+    w = jax.random.normal(keys[1], (16, 96), jnp.float32)
+    targets = jax.random.randint(keys[2], (8, 64), -1, 96).at[:, -1].set(-100)
+    targets = jnp.where(targets < 0, -100, targets)
+
+    def loss(h, w):
+        return cross_entropy_sum(h, w, targets, chunk_tokens=32, fused=fused)
+
+    grad = jax.value_and_grad(lambda h, w: loss(h, w)[0], argnums=(0, 1))
+    want_loss, want_grads = jax.jit(grad)(h, w)
+    h_sh = NamedSharding(mesh, P("data", "sequence" if "sequence" in mesh_shape else None, None))
+    w_sh = NamedSharding(mesh, P(None, "tensor" if "tensor" in mesh_shape else None))
+    args = (jax.device_put(h, h_sh), jax.device_put(w, w_sh))
+    with activation_sharding(mesh, merged_rules()):
+        sharded = jax.jit(grad)
+        hlo = sharded.lower(*args).compile().as_text()
+        got_loss, got_grads = sharded(*args)
+    assert "all-gather" not in hlo
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for g, w_ in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-6)

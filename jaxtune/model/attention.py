@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def attention_mask(segment_ids_bt: jax.Array, window: jax.Array | int = 0) -> jax.Array:
@@ -56,12 +57,7 @@ def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segm
         return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, scale=sm_scale, is_causal=True,
                                             implementation="cudnn")
     if backend == "pallas":
-        # Our flash kernel: segment ids and (traced, per-layer) sliding windows, blockwise; on CPU
-        # it runs in Pallas interpret mode (tests), on GPU lowered through Triton.
-        from jaxtune.kernels.flash_attention import flash_attention
-
-        return flash_attention(q_btnh, k_btkh, v_btkh, segment_ids=segment_ids_bt, causal=True, sm_scale=sm_scale,
-                               window=window, interpret=jax.default_backend() == "cpu")
+        return _flash_per_shard(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, sm_scale)
     if backend == "ring":
         # Context parallelism: the length axis is sharded over the mesh's `sequence` axis in the
         # zigzag layout (the trainer permutes the batch), K/V travel around the ring. The window
@@ -76,3 +72,32 @@ def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segm
                               window=window if isinstance(window, int) and window > 0 else None,
                               interpret=jax.default_backend() == "cpu", layout="zigzag")
     raise ValueError(f"attention backend {backend!r} is not available; available: xla, cudnn, pallas, ring")
+
+
+def _flash_per_shard(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, sm_scale):
+    """Our flash kernel (segment ids, per-layer sliding windows, blockwise), each device on its own
+    rows and heads. On CPU it runs in Pallas interpret mode (tests), on GPU lowered through Triton.
+
+    A `pallas_call` has no sharding rule: left to the partitioner, q/k/v would be gathered onto
+    every device and each would compute the whole attention. Rows and heads are independent, so
+    under a mesh the kernel runs in `shard_map` over the axes the activation rules give the batch
+    (data, fsdp) and kv heads (tensor); q's heads follow k's, keeping every GQA group on one device.
+    """
+    from jaxtune.kernels.flash_attention import flash_attention
+    from jaxtune.sharding import active_mesh, active_spec
+
+    interpret = jax.default_backend() == "cpu"
+    static_window = isinstance(window, int)
+
+    def attend(q, k, v, seg, win):
+        return flash_attention(q, k, v, segment_ids=seg, causal=True, sm_scale=sm_scale,
+                               window=window if static_window else win, interpret=interpret)
+
+    win = jnp.int32(0) if static_window else jnp.asarray(window, jnp.int32)
+    kv_spec = active_spec(("act_batch", None, "act_kv_heads", None), k_btkh.shape)
+    if kv_spec is None or all(axes is None for axes in kv_spec):
+        return attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)
+    batch_axes, _, head_axes, _ = kv_spec
+    x_spec = P(batch_axes, None, head_axes, None)
+    return jax.shard_map(attend, mesh=active_mesh(), in_specs=(x_spec, x_spec, x_spec, P(batch_axes, None), P()),
+                         out_specs=x_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)

@@ -3,13 +3,18 @@
 With a 128k vocabulary the float32 logits `[tokens, vocab]` would be the largest tensor of a step
 (4 × 2048 tokens × 128256 × 4 B = 4.2 GB, again for their gradient). Here tokens go through the
 lm_head in chunks under `lax.scan` with a rematerialised body, so only one chunk's logits exist at
-a time, forward or backward.
+a time, forward or backward; chunks are cut so that every device holds a share of each.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+
+from jaxtune.sharding import shard_counts
 
 IGNORE = -100  # label value that carries no loss (prompt tokens, padding), as in HF
 
@@ -26,38 +31,120 @@ def next_token_targets(labels_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.A
     return jnp.where(same_sequence, next_labels, IGNORE)
 
 
+def chunk_tokens_for_vocab(vocab_size: int) -> int:
+    """Tokens per cross-entropy chunk: the largest power of two (at least 256) whose float32
+    logits fit in 0.5 GiB. Measured on an H200 (benchmarks/RESULTS.md): 1024 instead of 4096
+    tokens at a 128k vocabulary gives the same step time and 2-3 GiB less peak memory."""
+    tokens = 2**29 // (4 * vocab_size)
+    return max(256, 1 << (tokens.bit_length() - 1)) if tokens else 256
+
+
 def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.Array,
-                      chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+                      chunk_tokens: int | None = None, fused: bool = True) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of target tokens) over all non-IGNORE targets.
 
     `h_btd` are final hidden states, `lm_head_dv` the output projection; logits are accumulated
-    in float32 from operands in h's dtype. Tokens are padded up to a whole number of chunks.
-    """
-    D = h_btd.shape[-1]
-    h_nd = h_btd.reshape(-1, D)
-    targets_n = targets_bt.reshape(-1)
-    n = h_nd.shape[0]
-    chunk = min(chunk_tokens, n)
-    pad = -n % chunk
-    if pad:
-        h_nd = jnp.pad(h_nd, ((0, pad), (0, 0)))
-        targets_n = jnp.pad(targets_n, (0, pad), constant_values=IGNORE)
-    h_cmd = h_nd.reshape(-1, chunk, D)
-    targets_cm = targets_n.reshape(-1, chunk)
-    w_dv = lm_head_dv.astype(h_btd.dtype)
+    in float32 from operands in h's dtype. Each device computes about `chunk_tokens` of its own
+    tokens' logits at a time (default: `chunk_tokens_for_vocab`).
 
-    @jax.checkpoint  # backward recomputes one chunk's logits instead of keeping all of them
-    def chunk_loss(h_md, targets_m):
-        logits_mv = jnp.einsum("md,dv->mv", h_md, w_dv, preferred_element_type=jnp.float32)
-        valid_m = targets_m != IGNORE
-        safe_m = jnp.where(valid_m, targets_m, 0)
-        target_logit_m = jnp.take_along_axis(logits_mv, safe_m[:, None], axis=-1)[:, 0]
-        losses_m = jax.nn.logsumexp(logits_mv, axis=-1) - target_logit_m
-        return jnp.sum(jnp.where(valid_m, losses_m, 0.0)), jnp.sum(valid_m, dtype=jnp.int32)
+    Chunk j holds tokens j, j + n, j + 2n, ... of every row (n chunks): the rows keep their
+    data/fsdp sharding and the length its sequence sharding in every chunk, so all devices work
+    on every chunk. (Contiguous chunks of the flattened tokens would put whole chunks on one
+    device, and the scan over them would run the lm_head one device at a time.)
+
+    `fused`: under differentiation, each chunk's gradient is taken while its logits exist (see
+    `_fused_loss`), instead of recomputing the logits in the backward pass.
+    """
+    B, T, D = h_btd.shape
+    chunk_tokens = chunk_tokens or chunk_tokens_for_vocab(lm_head_dv.shape[-1])
+    batch_shards, length_shards, _ = shard_counts(("act_batch", "act_length", "act_embed"), h_btd.shape)
+    local_length = T // length_shards
+    wanted = math.ceil((B // batch_shards) * local_length / chunk_tokens)
+    n = next(d for d in range(min(wanted, local_length), local_length + 1) if local_length % d == 0)
+    h_nbkd = h_btd.reshape(B, T // n, n, D).transpose(2, 0, 1, 3)
+    targets_nbk = targets_bt.reshape(B, T // n, n).transpose(2, 0, 1)
+    w_dv = lm_head_dv.astype(h_btd.dtype)
+    # With the vocabulary split over devices (tensor parallel lm_head), picking the target's logit
+    # by index would gather every logit; a masked sum over the vocab reduces in place instead.
+    vocab_split = shard_counts(("act_embed", "act_vocab"), lm_head_dv.shape)[1] > 1
+    if fused:
+        return _fused_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
+    return _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
+
+
+def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool):
+    """One chunk's float32 logits, their log-sum-exp, the target logits and the validity mask."""
+    logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=jnp.float32)
+    valid_bk = targets_bk != IGNORE
+    safe_bk = jnp.where(valid_bk, targets_bk, 0)
+    if vocab_split:
+        vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
+        target_logit_bk = jnp.sum(jnp.where(vocab_v == safe_bk[..., None], logits_bkv, 0.0), axis=-1)
+    else:
+        target_logit_bk = jnp.take_along_axis(logits_bkv, safe_bk[..., None], axis=-1)[..., 0]
+    return logits_bkv, jax.nn.logsumexp(logits_bkv, axis=-1), target_logit_bk, valid_bk, safe_bk
+
+
+def _chunk_terms(h_bkd, w_dv, targets_bk, vocab_split: bool):
+    _, lse_bk, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split)
+    return jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0)), jnp.sum(valid_bk, dtype=jnp.int32)
+
+
+def _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
+    """The loss by a scan over chunks; differentiated by autodiff, the backward recomputes each
+    chunk's logits (the body is rematerialised) instead of keeping all of them."""
+    chunk_terms = jax.checkpoint(lambda h, t: _chunk_terms(h, w_dv, t, vocab_split))
 
     def body(carry, xs):
-        loss, count = chunk_loss(*xs)
+        loss, count = chunk_terms(*xs)
         return (carry[0] + loss, carry[1] + count), None
 
-    (loss_sum, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h_cmd, targets_cm))
+    (loss_sum, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (h_nbkd, targets_nbk))
     return loss_sum, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
+    """`_chunked_loss` whose gradient is computed in the forward pass, chunk by chunk.
+
+    d(loss)/d(logits) = softmax - one_hot(target) is known as soon as a chunk's logits are, so
+    the forward also computes dh = dlogits·Wᵀ (and dW += hᵀ·dlogits when the lm_head is being
+    trained) and keeps only those: the backward scales them by the incoming cotangent. This saves
+    the recomputation of every chunk's logits, one [tokens, D] × [D, vocab] matmul per step.
+    Without differentiation (evaluation) only the loss is computed.
+    """
+    return _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
+
+
+def _fused_loss_fwd(vocab_split, h_nbkd, w_dv, targets_nbk):
+    want_dw = w_dv.perturbed  # symbolic zeros: a frozen lm_head (LoRA) gets no dW matmul
+    h_nbkd, w_dv, targets_nbk = h_nbkd.value, w_dv.value, targets_nbk.value
+
+    def body(carry, xs):
+        loss, count, dw_dv = carry
+        h_bkd, targets_bk = xs
+        logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split)
+        probs_bkv = jnp.exp(logits_bkv - lse_bk[..., None])
+        vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
+        dlogits_bkv = jnp.where(valid_bk[..., None], probs_bkv - (vocab_v == safe_bk[..., None]), 0.0)
+        dlogits_bkv = dlogits_bkv.astype(h_bkd.dtype)
+        dh_bkd = jnp.einsum("bkv,dv->bkd", dlogits_bkv, w_dv, preferred_element_type=jnp.float32)
+        if want_dw:
+            dw_dv = dw_dv + jnp.einsum("bkd,bkv->dv", h_bkd, dlogits_bkv, preferred_element_type=jnp.float32)
+        loss = loss + jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0))
+        return (loss, count + jnp.sum(valid_bk, dtype=jnp.int32), dw_dv), dh_bkd.astype(h_bkd.dtype)
+
+    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if want_dw else None
+    (loss_sum, count, dw_dv), dh_nbkd = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0), dw0), (h_nbkd, targets_nbk))
+    return (loss_sum, count), (dh_nbkd, dw_dv)
+
+
+def _fused_loss_bwd(vocab_split, residuals, cotangents):
+    dh_nbkd, dw_dv = residuals
+    g = cotangents[0]  # of loss_sum; the count has none
+    dh = (dh_nbkd * g).astype(dh_nbkd.dtype)
+    dw = None if dw_dv is None else (dw_dv * g)
+    return dh, dw, None
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd, symbolic_zeros=True)

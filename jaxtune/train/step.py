@@ -27,7 +27,8 @@ class StepSettings:
     dtype: jnp.dtype = jnp.bfloat16  # compute dtype
     attention: str = "xla"
     remat: str | None = None  # a name in jaxtune.model.transformer.REMAT_POLICIES
-    ce_chunk_tokens: int = 4096  # tokens per cross-entropy chunk
+    ce_chunk_tokens: int | None = None  # tokens per cross-entropy chunk per device (None: by vocab size)
+    ce_fused: bool = True  # the loss's gradient taken chunk by chunk in the forward pass (loss.py)
 
 
 def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[jax.Array, jax.Array]:
@@ -37,7 +38,7 @@ def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[
     # With context parallelism the batch arrives in zigzag order, where a token's neighbour in
     # memory is not its successor: the data path then supplies targets computed beforehand.
     targets_bt = micro["targets"] if "targets" in micro else next_token_targets(micro["labels"], micro["segment_ids"])
-    return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens)
+    return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens, s.ce_fused)
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
