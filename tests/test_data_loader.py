@@ -64,19 +64,22 @@ def test_no_shuffle_keeps_stored_order():
     assert [ids_of(b) for b in take(loader, 3)] == [[0, 1], [2, 3], [4, 5]]
 
 
-def test_process_shards_are_disjoint_and_together_the_global_order():
-    def batches(index, count, batch_size):
-        loader = make_loader(numbered_examples(24), batch_size=batch_size, seed=3, num_epochs=1,
-                             shard_index=index, shard_count=count)
-        return [ids_of(b) for b in loader]
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_process_shards_in_process_order_are_the_single_process_rows(micro_batches):
+    """Micro-batch m of step k, processes' rows placed in process order, is micro-batch m of
+    step k of one process feeding all the rows: every device sees the same rows either way."""
+    def batches(index, count, rows_per_micro):
+        loader = make_loader(numbered_examples(48), batch_size=rows_per_micro * micro_batches, seed=3, num_epochs=1,
+                             shard_index=index, shard_count=count, micro_batches=micro_batches)
+        return [np.asarray(ids_of(b)).reshape(micro_batches, rows_per_micro) for b in loader]
 
-    (whole,) = [batches(0, 1, 6)]
+    whole = batches(0, 1, 6)
     shards = [batches(i, 3, 2) for i in range(3)]
+    assert len(whole) == len(shards[0]) == 48 // (6 * micro_batches)
     for step, global_batch in enumerate(whole):
-        # Step k of every process together is step k of a single-process run with 3x the rows.
-        assert sorted(sum((shard[step] for shard in shards), [])) == sorted(global_batch)
-    flat = [i for shard in shards for batch in shard for i in batch]
-    assert sorted(flat) == list(range(24))
+        np.testing.assert_array_equal(np.concatenate([shard[step] for shard in shards], axis=1), global_batch)
+    flat = [i for shard in shards for batch in shard for i in batch.ravel()]
+    assert sorted(flat) == list(range(48))
 
 
 def test_get_state_set_state_resumes_at_the_next_batch():

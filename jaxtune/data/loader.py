@@ -19,10 +19,12 @@ number of rows this process feeds per step (micro_batch_size times its local dat
 devices, times gradient_accumulation_steps if the trainer takes all micro-batches at once).
 
 Order. Examples are shuffled with `seed` (a fresh permutation each epoch, same permutations on
-every process), then the global stream is dealt out round-robin to processes
-(`jax.process_index()` of `jax.process_count()`), then batched. So one step's batches across
-processes are consecutive examples of one global order, and a run with the same seed and process
-count sees the same batches. An incomplete final batch is dropped (`drop_remainder=True`) or
+every process), cut into consecutive blocks of `batch_size / micro_batches` rows, and the blocks
+are dealt out round-robin to processes (`jax.process_index()` of `jax.process_count()`); each
+process stacks `micro_batches` of its blocks into one batch. Placed in process order, the
+processes' rows of micro-batch m are exactly the rows of micro-batch m of a single-process run
+with as many devices: a run sees the same rows on the same devices whatever its process count
+(so 2 processes of 1 GPU train bit for bit as 1 process of 2 GPUs, given deterministic kernels). An incomplete final batch is dropped (`drop_remainder=True`) or
 padded with empty rows (all labels -100, segment 0), which carry no loss.
 
 Position. `get_state()` returns a small JSON-able dict (grain's iterator state); `set_state()`
@@ -48,14 +50,16 @@ class Loader:
     def __init__(self, examples: Examples, *, batch_size: int, seed: int = 42, shuffle: bool = True,
                  num_epochs: int | None = None, drop_remainder: bool = True,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 prefetch_threads: int = 4):
-        """`num_epochs=None` repeats forever (the trainer stops at its step count)."""
+                 micro_batches: int = 1, prefetch_threads: int = 4):
+        """`num_epochs=None` repeats forever (the trainer stops at its step count). `micro_batches`:
+        how many micro-batches (gradient accumulation) one batch of `batch_size` rows holds."""
         if shard_index is None or shard_count is None:
             import jax
 
             shard_index, shard_count = jax.process_index(), jax.process_count()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or micro_batches < 1 or batch_size % micro_batches:
+            raise ValueError(f"batch_size must be a positive multiple of micro_batches; got {batch_size=}, "
+                             f"{micro_batches=}")
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
         self.examples = examples
@@ -72,8 +76,10 @@ class Loader:
         if shuffle:
             dataset = dataset.shuffle(seed=seed)
         dataset = dataset.repeat(num_epochs)
+        dataset = dataset.batch(batch_size // micro_batches, drop_remainder=True, batch_fn=_stack)
         dataset = dataset[shard_index::shard_count]
-        dataset = dataset.batch(batch_size, drop_remainder=True, batch_fn=_stack)
+        if micro_batches > 1:
+            dataset = dataset.batch(micro_batches, drop_remainder=True, batch_fn=_concatenate)
         self._dataset = dataset
         options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2 * prefetch_threads)
         self._iterator = iter(dataset.to_iter_dataset(read_options=options))
@@ -103,14 +109,19 @@ class Loader:
 
 def make_loader(examples: Examples, *, batch_size: int, seed: int = 42, shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True,
-                shard_index: int | None = None, shard_count: int | None = None) -> Loader:
+                shard_index: int | None = None, shard_count: int | None = None, micro_batches: int = 1) -> Loader:
     """A `Loader`; see its module docstring for the batch contract and order."""
     return Loader(examples, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                  drop_remainder=drop_remainder, shard_index=shard_index, shard_count=shard_count)
+                  drop_remainder=drop_remainder, shard_index=shard_index, shard_count=shard_count,
+                  micro_batches=micro_batches)
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.stack([r[name] for r in rows]) for name in FIELDS}
+
+
+def _concatenate(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([b[name] for b in blocks]) for name in FIELDS}
 
 
 class _PaddedToWholeBatches:

@@ -92,11 +92,12 @@ def prepare_data(cfg: Config, mesh: Mesh) -> TrainData:
                           f"the {jax.process_count()} processes")
     local_rows = rows_per_micro // jax.process_count() * cfg.gradient_accumulation_steps
     train = make_loader(prepared.train, batch_size=local_rows, seed=cfg.seed,
-                        shuffle=cfg.shuffle_merged_datasets)
+                        shuffle=cfg.shuffle_merged_datasets, micro_batches=cfg.gradient_accumulation_steps)
     evaluation = None
     if prepared.eval is not None and len(prepared.eval):
         evaluation = EvalLoader(lambda: make_loader(prepared.eval, batch_size=local_rows, shuffle=False,
-                                                    num_epochs=1, drop_remainder=False))
+                                                    num_epochs=1, drop_remainder=False,
+                                                    micro_batches=cfg.gradient_accumulation_steps))
     context_parallel = mesh.shape["sequence"]
     if cfg.sequence_len % (2 * context_parallel):
         raise ConfigError(f"sequence_len {cfg.sequence_len} must be divisible by 2 × mesh.sequence "
