@@ -1,11 +1,16 @@
 """Training throughput: jaxtune vs transformers + PEFT on the same GPU, same shapes, same run.
 
     python benchmarks/train_throughput.py --cases 1b-lora 1b-full [--steps 10] [--out DIR]
+    python benchmarks/train_throughput.py --cases 1b-lora --sides jaxtune --meshes 1 data=2 tensor=2
+    python benchmarks/train_throughput.py --cases 1b-lora-ckpt --sides jaxtune --meshes sequence=2 \
+        --batch 1 --seq 32768 65536 131072
 
 Each side runs in its own process (both frameworks want the whole GPU), on identical
 random-weight Llama-shaped models and random token batches: bf16 compute, AdamW (fused on the
 PyTorch side), LoRA r=16 α=32 on every linear layer, dropout 0, SDPA/cuDNN attention. Prints
 tokens/s, peak device memory, MFU, compile/first-step time and the jaxtune/PyTorch ratio.
+`--meshes` also runs jaxtune on several GPUs (the trainer's sharding and ring attention) and
+prints each mesh's tokens/s per GPU against the first mesh's (scaling efficiency).
 `--tiny` shrinks every case to run on a CPU (a smoke test of both code paths, not a figure).
 """
 
@@ -42,6 +47,7 @@ class Case:
 CASES = {
     "1b-lora": Case("1b", 2048, 4, "lora", False),
     "1b-full": Case("1b", 2048, 4, None, False),
+    "1b-lora-ckpt": Case("1b", 2048, 4, "lora", True),  # with --seq/--batch for long context
     "8b-lora-ckpt": Case("8b", 4096, 1, "lora", True),
     "8b-qlora-ckpt": Case("8b", 4096, 1, "qlora", True),
 }
@@ -59,44 +65,81 @@ def flops_per_token(shape: dict, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- jaxtune
-def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn") -> dict:
+def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", mesh_sizes: dict | None = None,
+                ce: str = "fused", remat: str | None = None, profile_dir: str | None = None,
+                ce_chunk: int | None = None) -> dict:
+    """One jaxtune worker. `mesh_sizes` (e.g. {"data": 2}) spreads the step over that many of the
+    visible devices exactly as the trainer does (params and optimizer state by the sharding rules,
+    rows over data×fsdp, length over sequence); `case.batch` is then rows per data-parallel shard
+    (Axolotl's micro_batch_size), so the global batch grows with data×fsdp."""
+    import math
+
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxtune import lora, quant
+    from jaxtune.kernels.ring_attention import zigzag_permutation
+    from jaxtune.mesh import make_mesh
     from jaxtune.model.config import ModelConfig
     from jaxtune.model.params import init_params
+    from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
+    from jaxtune.train.loss import next_token_targets
     from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
-    from jaxtune.train.state import init_state, partition
+    from jaxtune.train.placement import batch_sharding, create_state, params_shardings, state_shardings
+    from jaxtune.train.state import partition
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
     on_gpu = jax.default_backend() == "gpu"
+    sizes = dict(mesh_sizes or {})
+    n_devices = math.prod(sizes.values()) if sizes else 1
+    mesh = make_mesh({"data": 1, **sizes}, devices=jax.devices()[:n_devices])
+    rules = merged_rules()
     base_dtype = jnp.bfloat16 if case.adapter else jnp.float32
-    params = jax.jit(lambda k: init_params(cfg, k, dtype=base_dtype))(jax.random.key(0))
+    params = jax.jit(lambda k: init_params(cfg, k, dtype=base_dtype),
+                     out_shardings=params_shardings(cfg, mesh, rules))(jax.random.key(0))
     if case.adapter == "qlora":
         params = quant.quantize(params, cfg, quant.QuantConfig(bits=4, double_quant=True))
     if case.adapter:
         lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
         params = lora.apply(params, lcfg, cfg, jax.random.key(1))
+        shardings = tree_shardings(lora.logical_axes(params, cfg), params, mesh, rules)
+        params = jax.device_put(params, shardings)
         mask = lora.trainable_mask(params)
     else:
+        shardings = jax.tree.map(lambda x: x.sharding, params)
         mask = jax.tree.map(lambda _: True, params)
     trainable, frozen = partition(params, mask)
+    trainable_sh, frozen_sh = partition(shardings, mask)
     del params
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
-    state = jax.jit(lambda t: init_state(t, tx, jax.random.key(2)))(trainable)
+    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda t: t, trainable), mesh)
+    state = create_state(trainable, tx, jax.random.key(2), state_sh)
     del trainable
-    settings = StepSettings(dtype=jnp.bfloat16, attention=attention if on_gpu else "xla",
-                            remat="nothing_saveable" if case.checkpointing else None)
-    step = jax.jit(make_train_step(cfg, tx, schedule, settings), donate_argnums=(0,))
-    rng = jax.random.key(3)
-    ids = jax.random.randint(rng, (1, case.batch, case.seq), 0, shape["vocab_size"], jnp.int32)
-    batch = dict(input_ids=ids, labels=ids, segment_ids=jnp.ones_like(ids),
-                 positions=jnp.broadcast_to(jnp.arange(case.seq, dtype=jnp.int32), ids.shape))
-    start = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    context_parallel = mesh.shape["sequence"]
+    if context_parallel > 1:
+        attention = "ring"
+    elif not on_gpu:
+        attention = "xla"
+    settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=ce == "fused", ce_chunk_tokens=ce_chunk,
+                            remat=(remat or "nothing_saveable") if case.checkpointing else None)
+    rows = case.batch * mesh.shape["data"] * mesh.shape["fsdp"]
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (1, rows, case.seq), 0, shape["vocab_size"], jnp.int32))
+    batch = dict(input_ids=ids, labels=ids, segment_ids=np.ones_like(ids),
+                 positions=np.broadcast_to(np.arange(case.seq, dtype=np.int32), ids.shape))
+    if context_parallel > 1:  # the trainer's data path: targets in token order, then zigzag
+        batch["targets"] = np.asarray(next_token_targets(ids[0], batch["segment_ids"][0]))[None]
+        perm = zigzag_permutation(case.seq, context_parallel)
+        batch = {name: a[..., perm] for name, a in batch.items()}
+    batch_sh = batch_sharding(mesh, rules)
+    batch = jax.device_put(batch, batch_sh)
+    with activation_sharding(mesh, rules):
+        step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+        start = time.perf_counter()
+        compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, frozen, batch)
@@ -106,9 +149,18 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn") -
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
-    stats = jax.devices()[0].memory_stats() or {}
-    return dict(tokens_per_second=steps * case.batch * case.seq / seconds, step_ms=1000 * seconds / steps,
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, compile_s=compile_s,
+    if profile_dir:  # a few more steps under the profiler, summarised by kernel
+        from profile_summary import summarize
+
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                state, metrics = compiled(state, frozen, batch)
+            jax.block_until_ready(metrics)
+        print(summarize(profile_dir, steps=3), flush=True)
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+    return dict(tokens_per_second=steps * rows * case.seq / seconds, step_ms=1000 * seconds / steps,
+                peak_gib=peak / 2**30, compile_s=compile_s, devices=n_devices, mesh=dict(mesh.shape),
+                seq=case.seq, global_rows=rows, attention=attention,
                 loss=float(metrics["loss"]), frozen_gib=frozen_bytes / 2**30,
                 frozen_bytes_per_param=frozen_bytes / ModelConfig(family="llama", **shape).num_params)
 
@@ -195,6 +247,17 @@ def peak_flops() -> float | None:
     return 989e12 if ("h100" in out or "h200" in out) else None
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,tensor=2" → {"data": 2, "tensor": 2}; "1" (or "") → one device."""
+    if text in ("", "1"):
+        return {}
+    sizes = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        sizes[axis.strip()] = int(size)
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -203,18 +266,36 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--attention", default="cudnn", choices=["cudnn", "pallas", "xla"],
                         help="jaxtune's attention backend (cudnn: unpacked rows only, as here)")
+    parser.add_argument("--meshes", nargs="+", default=["1"],
+                        help="jaxtune meshes to run each case on, e.g. 1 data=2 tensor=2 sequence=2; rows after "
+                             "the first print scaling efficiency against it (PyTorch runs on one GPU only)")
+    parser.add_argument("--seq", type=int, nargs="+", default=None, help="override the cases' sequence length(s)")
+    parser.add_argument("--batch", type=int, default=None, help="override the cases' micro-batch (rows per shard)")
+    parser.add_argument("--ce", default="fused", choices=["fused", "plain"],
+                        help="jaxtune's cross-entropy: gradient in the forward pass (fused) or autodiff with "
+                             "recomputed logits (plain)")
+    parser.add_argument("--ce-chunk", type=int, default=None,
+                        help="jaxtune's cross-entropy tokens per chunk (default: the trainer's, by vocab size)")
+    parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
+                                                        "(default nothing_saveable)")
+    parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels")
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
-    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker:
-        side, name = args.worker
+    def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]
         if args.tiny:
             case = dataclasses.replace(case, seq=64, batch=2)
-        shape = SHAPES["tiny" if args.tiny else case.shape]
+        case = dataclasses.replace(case, seq=seq or case.seq, batch=args.batch or case.batch)
+        return case, SHAPES["tiny" if args.tiny else case.shape]
+
+    if args.worker:
+        side, name, seq, mesh = args.worker
+        case, shape = resolve(name, int(seq))
         if side == "jaxtune":
-            result = run_jaxtune(case, shape, args.steps, args.attention)
+            result = run_jaxtune(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce, args.remat,
+                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk)
         else:
             result = run_torch(case, shape, args.steps)
         print("RESULT " + json.dumps(result), flush=True)
@@ -223,38 +304,52 @@ def main() -> None:
     peak = peak_flops()
     rows = []
     for name in args.cases:
-        case = CASES[name]
-        seq = 64 if args.tiny else case.seq
-        fpt = flops_per_token(SHAPES["tiny" if args.tiny else case.shape], seq)
-        results = {}
-        for side in args.sides:
-            cmd = [sys.executable, __file__, "--worker", side, name, "--steps", str(args.steps),
-                   "--attention", args.attention] + (["--tiny"] if args.tiny else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                results[side] = dict(error=(proc.stderr or proc.stdout).strip().splitlines()[-1:])
-            else:
-                results[side] = json.loads(lines[-1][len("RESULT "):])
-            r = results[side]
-            if "tokens_per_second" in r and peak:
-                r["mfu"] = r["tokens_per_second"] * fpt / peak
-            print(f"{name:14s} {side:8s} {json.dumps(r)}", flush=True)
-        rows.append(dict(case=name, **{side: r for side, r in results.items()}))
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "results.jsonl"), "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
+        for seq in args.seq or [None]:
+            case, shape = resolve(name, seq)
+            fpt = flops_per_token(shape, case.seq)
+            baseline = None  # the first mesh's jaxtune tokens/s per device
+            for mesh in args.meshes:
+                results = {}
+                sides = args.sides if mesh == args.meshes[0] else ["jaxtune"]
+                for side in sides:
+                    cmd = [sys.executable, __file__, "--worker", side, name, str(case.seq), mesh,
+                           "--steps", str(args.steps), "--attention", args.attention, "--ce", args.ce] + (["--ce-chunk", str(args.ce_chunk)] if args.ce_chunk else []) + (
+                        ["--remat", args.remat] if args.remat else []) + (
+                        ["--profile", args.profile] if args.profile else []) + (
+                        ["--tiny"] if args.tiny else []) + (["--batch", str(args.batch)] if args.batch else [])
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "device time"))))
+                    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        results[side] = dict(error=(proc.stderr or proc.stdout).strip().splitlines()[-3:])
+                    else:
+                        results[side] = json.loads(lines[-1][len("RESULT "):])
+                    r = results[side]
+                    if "tokens_per_second" in r and peak:
+                        r["mfu"] = r["tokens_per_second"] * fpt / (peak * r.get("devices", 1))
+                    if side == "jaxtune" and "tokens_per_second" in r:
+                        per_device = r["tokens_per_second"] / r["devices"]
+                        baseline = baseline or per_device
+                        r["scaling_efficiency"] = per_device / baseline
+                    print(f"{name:14s} seq {case.seq:6d} mesh {mesh:10s} {side:8s} {json.dumps(r)}", flush=True)
+                rows.append(dict(case=name, seq=case.seq, mesh=mesh, **results))
+                if args.out:
+                    os.makedirs(args.out, exist_ok=True)
+                    with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
 
-    print("\n| case | jaxtune tok/s | PyTorch tok/s | ratio | jaxtune GiB | PyTorch GiB | jaxtune MFU | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| case | seq | mesh | jaxtune tok/s | step ms | scaling eff. | PyTorch tok/s | ratio | jaxtune GiB/GPU "
+          "| PyTorch GiB | jaxtune MFU | compile s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for row in rows:
         j, t = row.get("jaxtune", {}), row.get("torch", {})
         jt, tt = j.get("tokens_per_second"), t.get("tokens_per_second")
         ratio = f"{jt / tt:.2f}" if jt and tt else "-"
-        fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
-        print(f"| {row['case']} | {fmt(jt, ',.0f')} | {fmt(tt, ',.0f')} | {ratio} | {fmt(j.get('peak_gib'), '.1f')} "
-              f"| {fmt(t.get('peak_gib'), '.1f')} | {fmt(j.get('mfu'), '.1%')} | {fmt(j.get('compile_s'), '.1f')} |")
+        print(f"| {row['case']} | {row['seq']} | {row['mesh']} | {fmt(jt, ',.0f')} | {fmt(j.get('step_ms'), '.1f')} "
+              f"| {fmt(j.get('scaling_efficiency'), '.2f')} | {fmt(tt, ',.0f')} | {ratio} "
+              f"| {fmt(j.get('peak_gib'), '.1f')} | {fmt(t.get('peak_gib'), '.1f')} | {fmt(j.get('mfu'), '.1%')} "
+              f"| {fmt(j.get('compile_s'), '.1f')} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""Where a step's device time goes, from a `jax.profiler` trace: the top kernels by total time.
+
+    python benchmarks/profile_summary.py TRACE_DIR [--steps 3] [--top 30]
+
+Reads the Perfetto trace (`*.trace.json.gz`) that `jax.profiler.trace(dir,
+create_perfetto_trace=True)` writes, keeps the events of the GPU streams (all events when there
+is no GPU), and sums their durations by kernel name. Prints ms per step, share of the summed
+device time, and calls per step; XLA names fusions after their roots (e.g. `loop_multiply_fusion`,
+`cutlass_gemm`, `input_reduce_fusion`), Pallas kernels after their Python function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def load_events(trace_dir: str) -> list[dict]:
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not paths:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {pid for pid, name in names.items() if "GPU" in name or "gpu" in name}
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    return [e for e in spans if e["pid"] in gpu_pids] if gpu_pids else spans
+
+
+def summarize(trace_dir: str, steps: int = 1, top: int = 30) -> str:
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in load_events(trace_dir):
+        name = re.sub(r"\.\d+$", "", e["name"])  # fusion.12 and fusion.13 are one kind of kernel
+        totals[name] += e["dur"]
+        counts[name] += 1
+    device_us = sum(totals.values())
+    lines = [f"device time {device_us / 1e3 / steps:.1f} ms per step (sum over streams) in {len(totals)} kernel kinds",
+             "| kernel | ms/step | share | calls/step |", "| --- | ---: | ---: | ---: |"]
+    for name, us in totals.most_common(top):
+        lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / device_us:.1%} | {counts[name] / steps:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace_dir")
+    parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (figures are per step)")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    print(summarize(args.trace_dir, args.steps, args.top))
+
+
+if __name__ == "__main__":
+    main()
