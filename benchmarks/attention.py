@@ -53,6 +53,9 @@ CASES = [
     ("B8 S2048 H32 D64 causal", 8, 2048, 32, 32, 64, True, 0),
     ("B4 S4096 H32 D128 causal packed8", 4, 4096, 32, 32, 128, True, 8),
     ("B4 S4096 H32/KH8 D128 causal GQA", 4, 4096, 32, 8, 128, True, 0),
+    # the training steps' own shapes (issue 9): Llama-3.2-1B at mb 4, Llama-3-8B at mb 1
+    ("B4 S2048 H32/KH8 D64 causal GQA (1B step)", 4, 2048, 32, 8, 64, True, 0),
+    ("B1 S4096 H32/KH8 D128 causal GQA (8B step)", 1, 4096, 32, 8, 128, True, 0),
 ]
 # JAXTUNE_BENCH_DRYRUN=1 runs every code path on CPU at toy sizes (kernels in interpret mode).
 DRYRUN = os.environ.get("JAXTUNE_BENCH_DRYRUN") == "1"
@@ -62,7 +65,8 @@ if DRYRUN:
         ("B1 S256 H2 D64 causal packed8", 1, 256, 2, 2, 64, True, 8),
         ("B1 S256 H4/KH2 D64 causal GQA", 1, 256, 4, 2, 64, True, 0),
     ]
-IMPLS = ["ours", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
+# "ours-dkv-per-qhead": ours with BlockSizes.dkv_per_query_head (GQA cases only)
+IMPLS = ["ours", "ours-dkv-per-qhead", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
 
 
 def _flops(b, s, h, d, causal):
@@ -119,6 +123,8 @@ def _inputs(b, s, h, kh, d, dtype=jnp.bfloat16, seed=0):
 
 
 def _jax_impl(name, causal, blocks):
+    if name == "ours-dkv-per-qhead":
+        return _jax_impl("ours", causal, dataclasses.replace(blocks, dkv_per_query_head=True))
     if name == "ours":
         return lambda q, k, v, seg: fa.flash_attention(
             q, k, v, segment_ids=seg, causal=causal, block_sizes=blocks, interpret=DRYRUN
@@ -411,7 +417,7 @@ def main():
         fl = _flops(b, s, h, d, causal)
         ref_out = ref_grads = None
         for impl in impls:
-            if impl == "jax-pallas" and kh != h:
+            if impl == "jax-pallas" and kh != h or impl == "ours-dkv-per-qhead" and kh == h:
                 continue
             if impl.startswith("torch") and seg is not None and impl != "torch-sdpa-flash":
                 continue

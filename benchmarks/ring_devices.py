@@ -21,7 +21,6 @@ CPU devices (set XLA_FLAGS=--xla_force_host_platform_device_count=N).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtune.kernels.flash_attention import flash_attention
 from jaxtune.kernels.ring_attention import ring_attention, zigzag_permutation
 from jaxtune.mesh import make_mesh
-
-
-def timed(fn, *args, repeats: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from ring_schedule import timed  # benchmarks/ is the script's folder, first on sys.path
 
 
 def fwd_and_grad(attend):

@@ -50,6 +50,8 @@ CASES = {
     "1b-lora-ckpt": Case("1b", 2048, 4, "lora", True),  # with --seq/--batch for long context
     "8b-lora-ckpt": Case("8b", 4096, 1, "lora", True),
     "8b-qlora-ckpt": Case("8b", 4096, 1, "qlora", True),
+    "8b-full": Case("8b", 4096, 1, None, False),  # issue 11 (a): with --meshes fsdp=8
+    "8b-lora-long": Case("8b", 65536, 1, "lora", True),  # issue 11 (b): data=2,tensor=2,sequence=2
 }
 LORA_R, LORA_ALPHA = 16, 32
 LR = 1e-4
@@ -67,11 +69,13 @@ def flops_per_token(shape: dict, seq: int) -> float:
 # ------------------------------------------------------------------------------------- jaxtune
 def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", mesh_sizes: dict | None = None,
                 ce: str = "fused", remat: str | None = None, profile_dir: str | None = None,
-                ce_chunk: int | None = None) -> dict:
+                ce_chunk: int | None = None, aot: bool = False) -> dict:
     """One jaxtune worker. `mesh_sizes` (e.g. {"data": 2}) spreads the step over that many of the
     visible devices exactly as the trainer does (params and optimizer state by the sharding rules,
     rows over data×fsdp, length over sequence); `case.batch` is then rows per data-parallel shard
-    (Axolotl's micro_batch_size), so the global batch grows with data×fsdp."""
+    (Axolotl's micro_batch_size), so the global batch grows with data×fsdp. `aot`: build nothing,
+    compile the step for the mesh from abstract arrays and report its per-device memory (see
+    `compile_ahead_of_time`)."""
     import math
 
     import jax
@@ -97,6 +101,8 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
     mesh = make_mesh({"data": 1, **sizes}, devices=jax.devices()[:n_devices])
     rules = merged_rules()
     base_dtype = jnp.bfloat16 if case.adapter else jnp.float32
+    if aot:
+        return compile_ahead_of_time(case, cfg, mesh, rules, base_dtype, steps, attention, ce, ce_chunk, remat)
     params = jax.jit(lambda k: init_params(cfg, k, dtype=base_dtype),
                      out_shardings=params_shardings(cfg, mesh, rules))(jax.random.key(0))
     if case.adapter == "qlora":
@@ -163,6 +169,70 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
                 seq=case.seq, global_rows=rows, attention=attention,
                 loss=float(metrics["loss"]), frozen_gib=frozen_bytes / 2**30,
                 frozen_bytes_per_param=frozen_bytes / ModelConfig(family="llama", **shape).num_params)
+
+
+def compile_ahead_of_time(case: Case, cfg, mesh, rules, base_dtype, steps: int, attention: str, ce: str,
+                          ce_chunk: int | None, remat: str | None) -> dict:
+    """The jaxtune step for `mesh`, lowered and compiled from abstract arrays (nothing is
+    allocated), with XLA's per-device memory estimate and the collectives it holds. On CPU
+    devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) this checks a pod-sized config
+    before its GPUs are at hand; the CPU compiler's buffer assignment is an estimate of the GPU's."""
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtune import lora, quant
+    from jaxtune.model.params import init_params
+    from jaxtune.sharding import activation_sharding, tree_shardings
+    from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
+    from jaxtune.train.placement import batch_sharding, params_shardings, state_shardings
+    from jaxtune.train.state import init_state, partition
+    from jaxtune.train.step import StepSettings, make_train_step
+
+    params = jax.eval_shape(lambda k: init_params(cfg, k, dtype=base_dtype), jax.random.key(0))
+    if case.adapter == "qlora":
+        params = jax.eval_shape(lambda p: quant.quantize(p, cfg, quant.QuantConfig(bits=4, double_quant=True)), params)
+    if case.adapter:
+        lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
+        params = jax.eval_shape(lambda p: lora.apply(p, lcfg, cfg, jax.random.key(1)), params)
+        shardings = tree_shardings(lora.logical_axes(params, cfg), params, mesh, rules)
+        mask = lora.trainable_mask(params)
+    else:
+        shardings = params_shardings(cfg, mesh, rules)
+        mask = jax.tree.map(lambda _: True, params)
+    trainable, frozen = partition(params, mask)
+    trainable_sh, frozen_sh = partition(shardings, mask)
+    tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
+    state_sh = state_shardings(trainable_sh, tx, trainable, mesh)
+    placed = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    state = placed(jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(2)), trainable), state_sh)
+    frozen = placed(frozen, frozen_sh)
+    context_parallel = mesh.shape["sequence"]
+    rows = case.batch * mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_sh = batch_sharding(mesh, rules)
+    names = ["input_ids", "labels", "segment_ids", "positions"] + (["targets"] if context_parallel > 1 else [])
+    batch = {n: jax.ShapeDtypeStruct((1, rows, case.seq), jnp.int32, sharding=batch_sh) for n in names}
+    settings = StepSettings(dtype=jnp.bfloat16, attention="ring" if context_parallel > 1 else attention,
+                            ce_fused=ce == "fused", ce_chunk_tokens=ce_chunk,
+                            remat=(remat or "nothing_saveable") if case.checkpointing else None)
+    start = time.perf_counter()
+    with activation_sharding(mesh, rules):
+        step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=(0,))
+        compiled = step.lower(state, frozen, batch).compile()
+    memory = compiled.memory_analysis()
+    collectives = collections.Counter(re.findall(
+        r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", compiled.as_text()))
+    gib = lambda b: b / 2**30
+    return dict(aot=True, backend=jax.default_backend(), devices=mesh.size, mesh=dict(mesh.shape), seq=case.seq,
+                global_rows=rows, attention=settings.attention, compile_s=time.perf_counter() - start,
+                arguments_gib=gib(memory.argument_size_in_bytes), outputs_gib=gib(memory.output_size_in_bytes),
+                aliased_gib=gib(memory.alias_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
+                peak_estimate_gib=gib(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
+                collectives=dict(collectives))
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -279,6 +349,9 @@ def main() -> None:
     parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
                                                         "(default nothing_saveable)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels")
+    parser.add_argument("--aot", action="store_true",
+                        help="jaxtune: only compile each mesh's step from abstract arrays and print its per-device "
+                             "memory estimate and collectives (runs on CPU devices too)")
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -295,7 +368,7 @@ def main() -> None:
         case, shape = resolve(name, int(seq))
         if side == "jaxtune":
             result = run_jaxtune(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce, args.remat,
-                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk)
+                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk, args.aot)
         else:
             result = run_torch(case, shape, args.steps)
         print("RESULT " + json.dumps(result), flush=True)
@@ -315,7 +388,7 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--worker", side, name, str(case.seq), mesh,
                            "--steps", str(args.steps), "--attention", args.attention, "--ce", args.ce] + (["--ce-chunk", str(args.ce_chunk)] if args.ce_chunk else []) + (
                         ["--remat", args.remat] if args.remat else []) + (
-                        ["--profile", args.profile] if args.profile else []) + (
+                        ["--profile", args.profile] if args.profile else []) + (["--aot"] if args.aot else []) + (
                         ["--tiny"] if args.tiny else []) + (["--batch", str(args.batch)] if args.batch else [])
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "device time"))))

@@ -60,6 +60,11 @@ class BlockSizes:
     `block_q_dkv`/`block_kv_dkv`: dK/dV kernel (queries per step, keys per program).
     `block_q_dq`/`block_kv_dq`: dQ kernel (queries per program, keys per step).
     All must be powers of two >= 16; they shrink automatically for short sequences.
+    `dkv_per_query_head` (GQA/MQA only): one dK/dV program per *query* head, writing float32
+    partials that are summed over each kv head's group afterwards, instead of one program per kv
+    head looping over its group. G times the programs, each G times shorter (better balance when
+    B·KH·Skv/block_kv is small against the GPU's SMs), for an extra [B, Skv, H, D] float32 write
+    and read of dK and dV. Correct in interpret mode; its speed is not measured yet, so off.
     """
 
     block_q: int = 128
@@ -74,6 +79,7 @@ class BlockSizes:
     num_stages_dkv: int = 2
     num_warps_dq: int = 8
     num_stages_dq: int = 3
+    dkv_per_query_head: bool = False
 
     def __post_init__(self):
         for name in (
@@ -600,11 +606,15 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
     """dk, dv: one program per (kv block, kv head, batch).
 
     q, do, lse, di are seen as [B, Sq, KH, G, D] / [B, KH, G, Sq] (free reshapes) so that one
-    program reads the G query heads of its kv head and GQA needs no reduction afterwards.
+    program reads the G query heads of its kv head and GQA needs no reduction afterwards. With
+    `BlockSizes.dkv_per_query_head` (and G > 1) one program per (kv block, query head, batch)
+    instead, each seeing its own query head (a block of 1 along G), and the G float32 partials of
+    a kv head are summed here.
     """
     b, sq, h, d = q.shape
     _, skv, kh, _ = k.shape
     group = h // kh
+    per_query_head = st.blocks.dkv_per_query_head and group > 1
     bq, bk = st.blocks.block_q_dkv, st.blocks.block_kv_dkv
     bounds = _schedule(
         batch=b,
@@ -619,9 +629,21 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         kv_seg=kv_seg,
         rows_are_q=False,
     )
-    qfull = pl.BlockSpec((None, sq, None, group, d), lambda j, hh, bb: (bb, 0, hh, 0, 0))
-    rowfull = pl.BlockSpec((None, None, group, sq), lambda j, hh, bb: (bb, hh, 0, 0))
-    kvblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
+    if per_query_head:  # grid axis 1 runs over query heads hh; their kv head is hh // group
+        g_in = 1
+        qfull = pl.BlockSpec((None, sq, None, 1, d), lambda j, hh, bb: (bb, 0, hh // group, hh % group, 0))
+        rowfull = pl.BlockSpec((None, None, 1, sq), lambda j, hh, bb: (bb, hh // group, hh % group, 0))
+        kvblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh // group, 0))
+        outblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
+        out_shape = jax.ShapeDtypeStruct((b, skv, h, d), jnp.float32)
+        heads = h
+    else:
+        g_in = group
+        qfull = pl.BlockSpec((None, sq, None, group, d), lambda j, hh, bb: (bb, 0, hh, 0, 0))
+        rowfull = pl.BlockSpec((None, None, group, sq), lambda j, hh, bb: (bb, hh, 0, 0))
+        kvblk = outblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
+        out_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
+        heads = kh
     in_specs = [
         _bounds_spec(lambda j, hh, bb: (bb, j, 0)),
         qfull,
@@ -638,7 +660,7 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         ]
     else:
         in_specs += [None, None]
-    return pl.pallas_call(
+    dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel,
             scale_log2=st.sm_scale * _LOG2E,
@@ -646,12 +668,12 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
             block_q=bq,
             block_kv=bk,
             flags=st.flags,
-            group=group,
+            group=g_in,
         ),
-        grid=(skv // bk, kh, b),
+        grid=(skv // bk, heads, b),
         in_specs=in_specs,
-        out_specs=[kvblk, kvblk],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=[outblk, outblk],
+        out_shape=[out_shape, out_shape],
         compiler_params=_params(st.blocks.num_warps_dkv, st.blocks.num_stages_dkv),
         interpret=st.interpret,
         name="jaxtune_flash_bwd_dkv",
@@ -666,6 +688,10 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         q_seg,
         kv_seg,
     )
+    if per_query_head:
+        dk = dk.reshape(b, skv, kh, group, d).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(b, skv, kh, group, d).sum(axis=3).astype(v.dtype)
+    return dk, dv
 
 
 def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):

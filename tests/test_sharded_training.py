@@ -162,5 +162,5 @@ def test_chunked_cross_entropy_stays_on_its_shards(mesh_shape, fused):
         got_loss, got_grads = sharded(*args)
     assert "all-gather" not in hlo
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for g, w_ in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-6)
+    for g, w_ in zip(got_grads, want_grads):  # vocab-split partial sums reorder float32 adds
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(w_))))
