@@ -54,7 +54,9 @@ def main() -> None:
                              "gradient's scatter-add), so the runs can agree bit for bit")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    flags = os.environ.get("XLA_FLAGS", "") + (" --xla_gpu_deterministic_ops=true" if args.deterministic else "")
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]  # each run sets its own
+    flags = " ".join(inherited + (["--xla_gpu_deterministic_ops=true"] if args.deterministic else []))
 
     def cpu_devices(n: int) -> dict[str, str]:
         """Without GPUs (JAX_PLATFORMS=cpu) the same runs use N host devices: a CPU rehearsal."""

@@ -1,0 +1,68 @@
+"""The multi-GPU benchmark scripts run end to end on CPU devices (tiny shapes), so a GPU session
+spends its minutes measuring, not debugging. Each script checks its own results where it can:
+ring_devices asserts ring == causal attention, two_process_parity exits 1 on differing losses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args, env=ENV, timeout=600) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def worker_results(stdout: str) -> dict[str, dict]:
+    """mesh → the jaxtune side's result, from the driver's per-run lines."""
+    results = {}
+    for line in stdout.splitlines():
+        if " jaxtune " in line and "{" in line:
+            mesh = line.split(" mesh ")[1].split()[0]
+            results[mesh] = json.loads(line[line.index("{"):])
+    return results
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_the_trainers_meshes():
+    out = run("benchmarks/train_throughput.py", "--tiny", "--sides", "jaxtune", "--cases", "1b-lora-ckpt",
+              "--steps", "1", "--meshes", "1", "data=2,sequence=2", "tensor=2")
+    results = worker_results(out)
+    assert set(results) == {"1", "data=2,sequence=2", "tensor=2"}, out
+    for mesh, r in results.items():
+        assert "error" not in r and r["loss"] > 0, (mesh, r)
+    assert results["data=2,sequence=2"]["attention"] == "ring"
+    assert results["data=2,sequence=2"]["global_rows"] == 2 * results["1"]["global_rows"]
+    # tensor=2 trains the same rows as one device: the same loss up to float reordering
+    assert results["tensor=2"]["loss"] == pytest.approx(results["1"]["loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_train_throughput_compiles_a_mesh_ahead_of_time():
+    out = run("benchmarks/train_throughput.py", "--tiny", "--aot", "--sides", "jaxtune", "--cases", "8b-full",
+              "--attention", "pallas", "--meshes", "fsdp=4")
+    (result,) = worker_results(out).values()
+    assert result["aot"] and result["devices"] == 4 and result["peak_estimate_gib"] > 0, result
+    assert result["collectives"].get("all-gather", 0) > 0  # fsdp gathers each layer's params
+
+
+@pytest.mark.slow
+def test_ring_devices_checks_and_times_the_ring():
+    out = run("benchmarks/ring_devices.py", "--tiny", "--devices", "2")
+    assert "check: ring vs one-device flash" in out
+    assert len([line for line in out.splitlines() if line.startswith("| 128 |")]) == 1
+
+
+@pytest.mark.slow
+def test_two_process_parity_script_agrees(tmp_path):
+    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}  # the script gives each run its devices
+    out = run("benchmarks/two_process_parity.py", "--steps", "3", "--out", str(tmp_path), "--set", "bf16=false",
+              "--rtol", "1e-5", env=env)
+    assert "steps match: True" in out
