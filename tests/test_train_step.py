@@ -77,6 +77,29 @@ def test_fused_cross_entropy_gradient_equals_autodiff(lm_head_trained):
     assert str(jaxpr).count("dot_general") == (3 if lm_head_trained else 2)
 
 
+def test_bf16_layers_keep_no_float32_activations_for_the_backward(capsys):
+    """Norms and the gated MLP compute in float32 from bf16, but the backward pass keeps only
+    their bf16 inputs (recomputing the float32 math), not float32 copies of [.., D] or [.., F]
+    activations. (Attention's own residuals are the backend's business: flash keeps bf16 q/k/v/out.)"""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from jaxtune.model.transformer import hidden_states
+
+    params = init_params(CFG, jax.random.key(0), dtype=jnp.bfloat16)
+    ids = jnp.zeros((2, 16), jnp.int32)
+
+    def loss(params):
+        h = hidden_states(params, CFG, ids, dtype=jnp.bfloat16, attention="pallas")
+        return jnp.sum(h.astype(jnp.float32))
+
+    print_saved_residuals(loss, params)
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("f32[", "bf16["))]
+    widths = {str(CFG.hidden_size), str(CFG.intermediate_size)}
+    activations = [line for line in saved if line.split("]")[0].split(",")[-1] in widths
+                   and line.split("[")[1].split(",")[0] == str(CFG.num_layers)]  # stacked per layer
+    assert activations and all(line.startswith("bf16[") for line in activations), activations
+
+
 def run_steps(accum: int, micro: int, steps: int = 3):
     params = init_params(CFG, jax.random.key(1))
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=1e-2, warmup_steps=1, weight_decay=0.1), steps)

@@ -45,11 +45,25 @@ _ACTIVATIONS = {
 }
 
 
+# Norms and the gated activation compute in float32 from bf16 inputs. Differentiated plainly,
+# autodiff would keep their float32 intermediates (x·rsqrt, gate and up upcast, SiLU) for the
+# backward pass: on the 1B shape about 0.6 GB per layer more than the bf16 inputs they come from
+# (exactly, since bf16 → f32 is lossless). Under `jax.checkpoint` only the inputs are kept and the
+# backward recomputes these elementwise ops (same arithmetic, same gradients).
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, cast back to x's dtype before the scale (as HF does)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
+def gated_activation(gate: jax.Array, up: jax.Array, hidden_act: str) -> jax.Array:
+    """act(gate) · up in float32, returned in gate's dtype (the MLP's SwiGLU/GeGLU)."""
+    return (_ACTIVATIONS[hidden_act](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def _bias(module: dict) -> jax.Array | None:
@@ -82,8 +96,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
     up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["up_proj"]))
-    act_btf = (_ACTIVATIONS[cfg.hidden_act](gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(dtype)
-    act_btf = constrain(act_btf, MLP)
+    act_btf = constrain(gated_activation(gate_btf, up_btf, cfg.hidden_act), MLP)
     h_btd = h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
     return constrain(h_btd, RESIDUAL), attend_state
 
