@@ -67,85 +67,122 @@ def flops_per_token(shape: dict, seq: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- jaxtune
-def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", mesh_sizes: dict | None = None,
-                ce: str = "fused", remat: str | None = None, profile_dir: str | None = None,
-                ce_chunk: int | None = None, aot: bool = False) -> dict:
-    """One jaxtune worker. `mesh_sizes` (e.g. {"data": 2}) spreads the step over that many of the
-    visible devices exactly as the trainer does (params and optimizer state by the sharding rules,
-    rows over data×fsdp, length over sequence); `case.batch` is then rows per data-parallel shard
-    (Axolotl's micro_batch_size), so the global batch grows with data×fsdp. `aot`: build nothing,
-    compile the step for the mesh from abstract arrays and report its per-device memory (see
-    `compile_ahead_of_time`)."""
+@dataclasses.dataclass
+class JaxtuneStep:
+    """The jaxtune side of a case on a mesh, before any array exists: how to make the params, where
+    every array lives, and the jitted train step. Both the timed run and `--aot` start from it."""
+
+    model_cfg: object
+    mesh: object
+    rules: dict
+    make_params: object  # key -> params (base, quantised, with adapters), jittable
+    shardings: dict  # NamedSharding per params leaf
+    mask: dict  # trainable per params leaf
+    tx: object
+    state_sh: object
+    batch_sh: object
+    settings: object
+    rows: int  # global rows per step
+    step: object  # jitted train_step(state, frozen, batch)
+
+    def compile(self, state, frozen, batch):
+        from jaxtune.sharding import activation_sharding
+
+        with activation_sharding(self.mesh, self.rules):  # activations are constrained while tracing
+            return self.step.lower(state, frozen, batch).compile()
+
+
+def plan_jaxtune(case: Case, shape: dict, steps: int, attention: str, mesh_sizes: dict, ce: str,
+                 remat: str | None, ce_chunk: int | None) -> JaxtuneStep:
+    """`mesh_sizes` (e.g. {"data": 2}) spreads the step over that many of the visible devices as the
+    trainer does (params and optimizer state by the sharding rules, rows over data×fsdp, length
+    over sequence); `case.batch` is rows per data-parallel shard (Axolotl's micro_batch_size)."""
     import math
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxtune import lora, quant
-    from jaxtune.kernels.ring_attention import zigzag_permutation
     from jaxtune.mesh import make_mesh
     from jaxtune.model.config import ModelConfig
     from jaxtune.model.params import init_params
-    from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
-    from jaxtune.train.loss import next_token_targets
+    from jaxtune.sharding import merged_rules, tree_shardings
     from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
-    from jaxtune.train.placement import batch_sharding, create_state, params_shardings, state_shardings
+    from jaxtune.train.placement import batch_sharding, params_shardings, state_shardings
     from jaxtune.train.state import partition
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
-    on_gpu = jax.default_backend() == "gpu"
-    sizes = dict(mesh_sizes or {})
-    n_devices = math.prod(sizes.values()) if sizes else 1
-    mesh = make_mesh({"data": 1, **sizes}, devices=jax.devices()[:n_devices])
+    n_devices = math.prod(mesh_sizes.values()) if mesh_sizes else 1
+    mesh = make_mesh({"data": 1, **mesh_sizes}, devices=jax.devices()[:n_devices])
     rules = merged_rules()
-    base_dtype = jnp.bfloat16 if case.adapter else jnp.float32
-    if aot:
-        return compile_ahead_of_time(case, cfg, mesh, rules, base_dtype, steps, attention, ce, ce_chunk, remat)
-    params = jax.jit(lambda k: init_params(cfg, k, dtype=base_dtype),
-                     out_shardings=params_shardings(cfg, mesh, rules))(jax.random.key(0))
-    if case.adapter == "qlora":
-        params = quant.quantize(params, cfg, quant.QuantConfig(bits=4, double_quant=True))
+    lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
+
+    def make_params(key):
+        params = init_params(cfg, key, dtype=jnp.bfloat16 if case.adapter else jnp.float32)
+        if case.adapter == "qlora":
+            params = quant.quantize(params, cfg, quant.QuantConfig(bits=4, double_quant=True))
+        return lora.apply(params, lcfg, cfg, jax.random.fold_in(key, 1)) if case.adapter else params
+
+    abstract = jax.eval_shape(make_params, jax.random.key(0))
     if case.adapter:
-        lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
-        params = lora.apply(params, lcfg, cfg, jax.random.key(1))
-        shardings = tree_shardings(lora.logical_axes(params, cfg), params, mesh, rules)
-        params = jax.device_put(params, shardings)
-        mask = lora.trainable_mask(params)
+        shardings = tree_shardings(lora.logical_axes(abstract, cfg), abstract, mesh, rules)
+        mask = lora.trainable_mask(abstract)
     else:
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-        mask = jax.tree.map(lambda _: True, params)
-    trainable, frozen = partition(params, mask)
+        shardings = params_shardings(cfg, mesh, rules)
+        mask = jax.tree.map(lambda _: True, abstract)
     trainable_sh, frozen_sh = partition(shardings, mask)
-    del params
-    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
-    state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda t: t, trainable), mesh)
-    state = create_state(trainable, tx, jax.random.key(2), state_sh)
-    del trainable
-    context_parallel = mesh.shape["sequence"]
-    if context_parallel > 1:
+    state_sh = state_shardings(trainable_sh, tx, partition(abstract, mask)[0], mesh)
+    batch_sh = batch_sharding(mesh, rules)
+    if mesh.shape["sequence"] > 1:
         attention = "ring"
-    elif not on_gpu:
+    elif jax.default_backend() == "cpu" and attention == "cudnn":
         attention = "xla"
     settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=ce == "fused", ce_chunk_tokens=ce_chunk,
                             remat=(remat or "nothing_saveable") if case.checkpointing else None)
-    rows = case.batch * mesh.shape["data"] * mesh.shape["fsdp"]
-    ids = np.asarray(jax.random.randint(jax.random.key(3), (1, rows, case.seq), 0, shape["vocab_size"], jnp.int32))
-    batch = dict(input_ids=ids, labels=ids, segment_ids=np.ones_like(ids),
-                 positions=np.broadcast_to(np.arange(case.seq, dtype=np.int32), ids.shape))
-    if context_parallel > 1:  # the trainer's data path: targets in token order, then zigzag
-        batch["targets"] = np.asarray(next_token_targets(ids[0], batch["segment_ids"][0]))[None]
-        perm = zigzag_permutation(case.seq, context_parallel)
-        batch = {name: a[..., perm] for name, a in batch.items()}
-    batch_sh = batch_sharding(mesh, rules)
-    batch = jax.device_put(batch, batch_sh)
-    with activation_sharding(mesh, rules):
-        step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
-                       out_shardings=(state_sh, None), donate_argnums=(0,))
-        start = time.perf_counter()
-        compiled = step.lower(state, frozen, batch).compile()
+    step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))
+    return JaxtuneStep(cfg, mesh, rules, make_params, shardings, mask, tx, state_sh, batch_sh, settings,
+                       case.batch * mesh.shape["data"] * mesh.shape["fsdp"], step)
+
+
+def batch_names(plan: JaxtuneStep) -> list[str]:
+    """With context parallelism the trainer's batches carry next-token targets computed in order."""
+    return ["input_ids", "labels", "segment_ids", "positions"] + (["targets"] if plan.mesh.shape["sequence"] > 1 else [])
+
+
+def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", mesh_sizes: dict | None = None,
+                ce: str = "fused", remat: str | None = None, profile_dir: str | None = None,
+                ce_chunk: int | None = None) -> dict:
+    """One jaxtune worker: the planned step on real (random) params and tokens, timed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtune.kernels.ring_attention import zigzag_permutation
+    from jaxtune.train.loss import next_token_targets
+    from jaxtune.train.placement import create_state
+    from jaxtune.train.state import partition
+
+    plan = plan_jaxtune(case, shape, steps, attention, dict(mesh_sizes or {}), ce, remat, ce_chunk)
+    params = jax.jit(plan.make_params, out_shardings=plan.shardings)(jax.random.key(0))
+    trainable, frozen = partition(params, plan.mask)
+    del params
+    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
+    state = create_state(trainable, plan.tx, jax.random.key(2), plan.state_sh)
+    del trainable
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (plan.rows, case.seq), 0, shape["vocab_size"], jnp.int32))
+    segments = np.ones_like(ids)
+    columns = dict(input_ids=ids, labels=ids, segment_ids=segments,
+                   positions=np.broadcast_to(np.arange(case.seq, dtype=np.int32), ids.shape),
+                   targets=np.asarray(next_token_targets(ids, segments)))
+    order = np.arange(case.seq)
+    if plan.mesh.shape["sequence"] > 1:  # the trainer's data path: targets in token order, then zigzag
+        order = zigzag_permutation(case.seq, plan.mesh.shape["sequence"])
+    batch = jax.device_put({name: columns[name][None][..., order] for name in batch_names(plan)}, plan.batch_sh)
+    start = time.perf_counter()
+    compiled = plan.compile(state, frozen, batch)
     compile_s = time.perf_counter() - start
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, frozen, batch)
@@ -163,71 +200,44 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
                 state, metrics = compiled(state, frozen, batch)
             jax.block_until_ready(metrics)
         print(summarize(profile_dir, steps=3), flush=True)
-    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
-    return dict(tokens_per_second=steps * rows * case.seq / seconds, step_ms=1000 * seconds / steps,
-                peak_gib=peak / 2**30, compile_s=compile_s, devices=n_devices, mesh=dict(mesh.shape),
-                seq=case.seq, global_rows=rows, attention=attention,
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in plan.mesh.devices.flat)
+    return dict(tokens_per_second=steps * plan.rows * case.seq / seconds, step_ms=1000 * seconds / steps,
+                peak_gib=peak / 2**30, compile_s=compile_s, devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
+                seq=case.seq, global_rows=plan.rows, attention=plan.settings.attention,
                 loss=float(metrics["loss"]), frozen_gib=frozen_bytes / 2**30,
-                frozen_bytes_per_param=frozen_bytes / ModelConfig(family="llama", **shape).num_params)
+                frozen_bytes_per_param=frozen_bytes / plan.model_cfg.num_params)
 
 
-def compile_ahead_of_time(case: Case, cfg, mesh, rules, base_dtype, steps: int, attention: str, ce: str,
-                          ce_chunk: int | None, remat: str | None) -> dict:
-    """The jaxtune step for `mesh`, lowered and compiled from abstract arrays (nothing is
-    allocated), with XLA's per-device memory estimate and the collectives it holds. On CPU
-    devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) this checks a pod-sized config
-    before its GPUs are at hand; the CPU compiler's buffer assignment is an estimate of the GPU's."""
+def compile_ahead_of_time(case: Case, shape: dict, steps: int, attention: str, mesh_sizes: dict | None, ce: str,
+                          remat: str | None, ce_chunk: int | None) -> dict:
+    """The planned step lowered and compiled from abstract arrays (nothing is allocated), with
+    XLA's per-device memory estimate and the collectives it holds. On CPU devices
+    (XLA_FLAGS=--xla_force_host_platform_device_count=N) this checks a pod-sized config before its
+    GPUs are at hand; the CPU compiler's buffer assignment is an estimate of the GPU's."""
     import collections
     import re
 
     import jax
     import jax.numpy as jnp
 
-    from jaxtune import lora, quant
-    from jaxtune.model.params import init_params
-    from jaxtune.sharding import activation_sharding, tree_shardings
-    from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
-    from jaxtune.train.placement import batch_sharding, params_shardings, state_shardings
     from jaxtune.train.state import init_state, partition
-    from jaxtune.train.step import StepSettings, make_train_step
 
-    params = jax.eval_shape(lambda k: init_params(cfg, k, dtype=base_dtype), jax.random.key(0))
-    if case.adapter == "qlora":
-        params = jax.eval_shape(lambda p: quant.quantize(p, cfg, quant.QuantConfig(bits=4, double_quant=True)), params)
-    if case.adapter:
-        lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
-        params = jax.eval_shape(lambda p: lora.apply(p, lcfg, cfg, jax.random.key(1)), params)
-        shardings = tree_shardings(lora.logical_axes(params, cfg), params, mesh, rules)
-        mask = lora.trainable_mask(params)
-    else:
-        shardings = params_shardings(cfg, mesh, rules)
-        mask = jax.tree.map(lambda _: True, params)
-    trainable, frozen = partition(params, mask)
-    trainable_sh, frozen_sh = partition(shardings, mask)
-    tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
-    state_sh = state_shardings(trainable_sh, tx, trainable, mesh)
+    plan = plan_jaxtune(case, shape, steps, attention, dict(mesh_sizes or {}), ce, remat, ce_chunk)
+    trainable, frozen = partition(jax.eval_shape(plan.make_params, jax.random.key(0)), plan.mask)
+    _, frozen_sh = partition(plan.shardings, plan.mask)
     placed = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-    state = placed(jax.eval_shape(lambda t: init_state(t, tx, jax.random.key(2)), trainable), state_sh)
-    frozen = placed(frozen, frozen_sh)
-    context_parallel = mesh.shape["sequence"]
-    rows = case.batch * mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_sh = batch_sharding(mesh, rules)
-    names = ["input_ids", "labels", "segment_ids", "positions"] + (["targets"] if context_parallel > 1 else [])
-    batch = {n: jax.ShapeDtypeStruct((1, rows, case.seq), jnp.int32, sharding=batch_sh) for n in names}
-    settings = StepSettings(dtype=jnp.bfloat16, attention="ring" if context_parallel > 1 else attention,
-                            ce_fused=ce == "fused", ce_chunk_tokens=ce_chunk,
-                            remat=(remat or "nothing_saveable") if case.checkpointing else None)
+    state = placed(jax.eval_shape(lambda t: init_state(t, plan.tx, jax.random.key(2)), trainable), plan.state_sh)
+    batch = {n: jax.ShapeDtypeStruct((1, plan.rows, case.seq), jnp.int32, sharding=plan.batch_sh)
+             for n in batch_names(plan)}
     start = time.perf_counter()
-    with activation_sharding(mesh, rules):
-        step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
-                       out_shardings=(state_sh, None), donate_argnums=(0,))
-        compiled = step.lower(state, frozen, batch).compile()
+    compiled = plan.compile(state, placed(frozen, frozen_sh), batch)
     memory = compiled.memory_analysis()
     collectives = collections.Counter(re.findall(
         r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", compiled.as_text()))
     gib = lambda b: b / 2**30
-    return dict(aot=True, backend=jax.default_backend(), devices=mesh.size, mesh=dict(mesh.shape), seq=case.seq,
-                global_rows=rows, attention=settings.attention, compile_s=time.perf_counter() - start,
+    return dict(aot=True, backend=jax.default_backend(), devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
+                seq=case.seq, global_rows=plan.rows, attention=plan.settings.attention,
+                compile_s=time.perf_counter() - start,
                 arguments_gib=gib(memory.argument_size_in_bytes), outputs_gib=gib(memory.output_size_in_bytes),
                 aliased_gib=gib(memory.alias_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
                 peak_estimate_gib=gib(memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -366,9 +376,12 @@ def main() -> None:
     if args.worker:
         side, name, seq, mesh = args.worker
         case, shape = resolve(name, int(seq))
-        if side == "jaxtune":
+        if side == "jaxtune" and args.aot:
+            result = compile_ahead_of_time(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce,
+                                           args.remat, args.ce_chunk)
+        elif side == "jaxtune":
             result = run_jaxtune(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce, args.remat,
-                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk, args.aot)
+                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk)
         else:
             result = run_torch(case, shape, args.steps)
         print("RESULT " + json.dumps(result), flush=True)
