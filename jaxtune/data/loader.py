@@ -24,8 +24,9 @@ are dealt out round-robin to processes (`jax.process_index()` of `jax.process_co
 process stacks `micro_batches` of its blocks into one batch. Placed in process order, the
 processes' rows of micro-batch m are exactly the rows of micro-batch m of a single-process run
 with as many devices: a run sees the same rows on the same devices whatever its process count
-(so 2 processes of 1 GPU train bit for bit as 1 process of 2 GPUs, given deterministic kernels). An incomplete final batch is dropped (`drop_remainder=True`) or
-padded with empty rows (all labels -100, segment 0), which carry no loss.
+(so 2 processes of 1 GPU train bit for bit as 1 process of 2 GPUs, given deterministic kernels).
+An incomplete final batch is dropped (`drop_remainder=True`) or padded with empty rows (all
+labels -100, segment 0), which carry no loss.
 
 Position. `get_state()` returns a small JSON-able dict (grain's iterator state); `set_state()`
 on a loader built with the same arguments resumes at exactly the next batch.

@@ -85,9 +85,14 @@ def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool):
     return logits_bkv, jax.nn.logsumexp(logits_bkv, axis=-1), target_logit_bk, valid_bk, safe_bk
 
 
+def _loss_and_count(lse_bk, target_logit_bk, valid_bk):
+    """A chunk's summed token losses (-log p(target) = lse - target logit) and its target count."""
+    return jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0)), jnp.sum(valid_bk, dtype=jnp.int32)
+
+
 def _chunk_terms(h_bkd, w_dv, targets_bk, vocab_split: bool):
     _, lse_bk, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split)
-    return jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0)), jnp.sum(valid_bk, dtype=jnp.int32)
+    return _loss_and_count(lse_bk, target_logit_bk, valid_bk)
 
 
 def _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
@@ -131,8 +136,8 @@ def _fused_loss_fwd(vocab_split, h_nbkd, w_dv, targets_nbk):
         dh_bkd = jnp.einsum("bkv,dv->bkd", dlogits_bkv, w_dv, preferred_element_type=jnp.float32)
         if want_dw:
             dw_dv = dw_dv + jnp.einsum("bkd,bkv->dv", h_bkd, dlogits_bkv, preferred_element_type=jnp.float32)
-        loss = loss + jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0))
-        return (loss, count + jnp.sum(valid_bk, dtype=jnp.int32), dw_dv), dh_bkd.astype(h_bkd.dtype)
+        chunk_loss, chunk_count = _loss_and_count(lse_bk, target_logit_bk, valid_bk)
+        return (loss + chunk_loss, count + chunk_count, dw_dv), dh_bkd.astype(h_bkd.dtype)
 
     dw0 = jnp.zeros(w_dv.shape, jnp.float32) if want_dw else None
     (loss_sum, count, dw_dv), dh_nbkd = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0), dw0), (h_nbkd, targets_nbk))
