@@ -65,8 +65,9 @@ if DRYRUN:
         ("B1 S256 H2 D64 causal packed8", 1, 256, 2, 2, 64, True, 8),
         ("B1 S256 H4/KH2 D64 causal GQA", 1, 256, 4, 2, 64, True, 0),
     ]
-# "ours-dkv-per-qhead": ours with BlockSizes.dkv_per_query_head (GQA cases only)
-IMPLS = ["ours", "ours-dkv-per-qhead", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
+# "ours-dkv-group-loop": ours with `dkv_per_query_head=False` (the dK/dV program loops over its
+# kv head's query heads; GQA cases only)
+IMPLS = ["ours", "ours-dkv-group-loop", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
 
 
 def _flops(b, s, h, d, causal):
@@ -123,8 +124,8 @@ def _inputs(b, s, h, kh, d, dtype=jnp.bfloat16, seed=0):
 
 
 def _jax_impl(name, causal, blocks):
-    if name == "ours-dkv-per-qhead":
-        return _jax_impl("ours", causal, dataclasses.replace(blocks, dkv_per_query_head=True))
+    if name == "ours-dkv-group-loop":
+        return _jax_impl("ours", causal, dataclasses.replace(blocks, dkv_per_query_head=False))
     if name == "ours":
         return lambda q, k, v, seg: fa.flash_attention(
             q, k, v, segment_ids=seg, causal=causal, block_sizes=blocks, interpret=DRYRUN
@@ -417,7 +418,7 @@ def main():
         fl = _flops(b, s, h, d, causal)
         ref_out = ref_grads = None
         for impl in impls:
-            if impl == "jax-pallas" and kh != h or impl == "ours-dkv-per-qhead" and kh == h:
+            if impl == "jax-pallas" and kh != h or impl == "ours-dkv-group-loop" and kh == h:
                 continue
             if impl.startswith("torch") and seg is not None and impl != "torch-sdpa-flash":
                 continue

@@ -20,7 +20,7 @@ INTERPRET = jax.default_backend() == "cpu"
 # the causal split and the online softmax across blocks).
 SMALL = BlockSizes.tiles(32, 16)
 TALL = BlockSizes.tiles(16, 32)
-PER_QUERY_HEAD = dataclasses.replace(SMALL, dkv_per_query_head=True)  # GQA dK/dV by query head
+GROUP_LOOP = dataclasses.replace(SMALL, dkv_per_query_head=False)  # GQA dK/dV: one program loops over the group
 
 
 def rel_err(a, b):
@@ -85,8 +85,8 @@ SWEEP = {
     "causal-many-segments-tall-tiles": (2, 77, 77, 4, 2, 64, True, "packed", 12, TALL),
     "gqa3-full-unsorted-segments": (1, 33, 33, 6, 2, 64, False, "random", 3, SMALL),
     "gqa4-causal": (1, 96, 96, 8, 2, 64, True, "none", 0, SMALL),
-    "gqa4-causal-packed-dkv-per-query-head": (2, 50, 50, 8, 2, 64, True, "packed", 4, PER_QUERY_HEAD),
-    "mqa-full-dkv-per-query-head": (1, 40, 72, 4, 1, 32, False, "none", 0, PER_QUERY_HEAD),
+    "gqa4-causal-packed-dkv-group-loop": (2, 50, 50, 8, 2, 64, True, "packed", 4, GROUP_LOOP),
+    "mqa-full-dkv-group-loop": (1, 40, 72, 4, 1, 32, False, "none", 0, GROUP_LOOP),
     "sq-ne-skv-d40": (2, 40, 72, 4, 2, 40, False, "none", 0, SMALL),
 }
 

@@ -37,7 +37,7 @@ OPTIMIZERS = {
 EIGHT_BIT_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Names of `jax.checkpoint_policies`: what each scanned layer keeps for the backward pass.
-REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable",
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "save_attention", "dots_saveable",
                   "dots_with_no_batch_dims_saveable")
 DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"  # Axolotl's default
 
@@ -203,6 +203,9 @@ class Config:
         None, help="accepted for Axolotl configs; remat_policy decides in JAX")
     remat_policy: Literal[REMAT_POLICIES] | None = _help(  # type: ignore[valid-type]
         None, help="jax.checkpoint_policies name per layer (default from gradient_checkpointing)")
+    scan_layers: bool | None = _help(
+        None, help="run the layers as one loop (quick compile) or unrolled (faster steps, compile time grows "
+                   "with depth); default: unrolled without gradient checkpointing, a loop with it")
     attention: Literal["auto", "pallas", "cudnn", "xla"] = _help("auto", help="attention backend")
 
     # --- parallelism
