@@ -8,7 +8,8 @@
 Each side runs in its own process (both frameworks want the whole GPU), on identical
 random-weight Llama-shaped models and random token batches: bf16 compute, AdamW (fused on the
 PyTorch side), LoRA r=16 α=32 on every linear layer, dropout 0, SDPA/cuDNN attention. Prints
-tokens/s, peak device memory, MFU, compile/first-step time and the jaxtune/PyTorch ratio.
+tokens/s, peak device memory (jaxtune: also the step's own bytes by XLA's buffer assignment), MFU,
+compile/first-step time and the jaxtune/PyTorch ratio.
 `--meshes` also runs jaxtune on several GPUs (the trainer's sharding and ring attention) and
 prints each mesh's tokens/s per GPU against the first mesh's (scaling efficiency).
 `--tiny` shrinks every case to run on a CPU (a smoke test of both code paths, not a figure).
@@ -54,6 +55,25 @@ CASES = {
     "8b-lora-long": Case("8b", 65536, 1, "lora", True),  # issue 11 (b): data=2,tensor=2,sequence=2
 }
 LORA_R, LORA_ALPHA = 16, 32
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxtuneKnobs:
+    """The jaxtune settings a run varies (command-line flags), for every case alike."""
+
+    attention: str = "cudnn"
+    ce: str = "fused"  # cross-entropy: "fused" (gradient in the forward pass) or "plain" (autodiff)
+    ce_chunk: int | None = None  # tokens per cross-entropy chunk (None: the trainer's, by vocab size)
+    remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
+    scan_unroll: int | None = None  # layers per iteration of the layer loop (None: the trainer's
+    # default, all of them (unrolled) without checkpointing, one (a loop) with it)
+
+    def flags(self) -> list[str]:
+        """The same knobs as command-line flags (for the worker processes)."""
+        return (["--attention", self.attention, "--ce", self.ce]
+                + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll else [])
+                + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
+                + (["--remat", self.remat] if self.remat else []))
 LR = 1e-4
 
 
@@ -92,8 +112,7 @@ class JaxtuneStep:
             return self.step.lower(state, frozen, batch).compile()
 
 
-def plan_jaxtune(case: Case, shape: dict, steps: int, attention: str, mesh_sizes: dict, ce: str,
-                 remat: str | None, ce_chunk: int | None) -> JaxtuneStep:
+def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: JaxtuneKnobs) -> JaxtuneStep:
     """`mesh_sizes` (e.g. {"data": 2}) spreads the step over that many of the visible devices as the
     trainer does (params and optimizer state by the sharding rules, rows over data×fsdp, length
     over sequence); `case.batch` is rows per data-parallel shard (Axolotl's micro_batch_size)."""
@@ -119,9 +138,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, attention: str, mesh_sizes
     lcfg = lora.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_linear=True)
 
     def make_params(key):
-        params = init_params(cfg, key, dtype=jnp.bfloat16 if case.adapter else jnp.float32)
         if case.adapter == "qlora":
-            params = quant.quantize(params, cfg, quant.QuantConfig(bits=4, double_quant=True))
+            params = quantized_random_params(cfg, key, quant.QuantConfig(bits=4, double_quant=True))
+        else:
+            params = init_params(cfg, key, dtype=jnp.bfloat16 if case.adapter else jnp.float32)
         return lora.apply(params, lcfg, cfg, jax.random.fold_in(key, 1)) if case.adapter else params
 
     abstract = jax.eval_shape(make_params, jax.random.key(0))
@@ -135,16 +155,56 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, attention: str, mesh_sizes
     tx, schedule = make_optimizer(OptimizerSettings(learning_rate=LR, max_grad_norm=1.0, schedule="constant"), steps)
     state_sh = state_shardings(trainable_sh, tx, partition(abstract, mask)[0], mesh)
     batch_sh = batch_sharding(mesh, rules)
+    attention = knobs.attention
     if mesh.shape["sequence"] > 1:
         attention = "ring"
     elif jax.default_backend() == "cpu" and attention == "cudnn":
         attention = "xla"
-    settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=ce == "fused", ce_chunk_tokens=ce_chunk,
-                            remat=(remat or "nothing_saveable") if case.checkpointing else None)
+    settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=knobs.ce == "fused",
+                            ce_chunk_tokens=knobs.ce_chunk,
+                            scan_unroll=knobs.scan_unroll or (1 if case.checkpointing else cfg.num_layers),
+                            remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None)
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
     return JaxtuneStep(cfg, mesh, rules, make_params, shardings, mask, tx, state_sh, batch_sh, settings,
                        case.batch * mesh.shape["data"] * mesh.shape["fsdp"], step)
+
+
+def quantized_random_params(cfg, key, qcfg):
+    """Random bf16 params with every projection kernel born quantised, one layer's slice at a time
+    (`lax.map`), so no bf16 copy of the stacked kernels exists: as the trainer's streaming load
+    (`quant.quantize_stream`), the device then holds at most one bf16 slice besides the NF4 model.
+    Initialising the whole bf16 model first apparently set the QLoRA case's peak: 13.6 GiB on the
+    H200 with and without a remat policy that adds 2.5 GiB to the step, whose own XLA estimate is
+    8.9 GiB."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from jaxtune import quant
+    from jaxtune.model.params import init_params, param_specs, path_seed
+
+    specs = param_specs(cfg)
+    targets = set(quant.quantized_paths(cfg))
+    others = jax.eval_shape(lambda k: init_params(cfg, k, dtype=jnp.bfloat16), key)
+    flat = {}
+    for path, leaf in traverse_util.flatten_dict(others).items():
+        spec = specs[path]
+        if path not in targets:
+            if spec.init == "normal":
+                leaf_key = jax.random.fold_in(key, path_seed(path))
+                flat[path] = (cfg.initializer_range * jax.random.normal(leaf_key, spec.shape)).astype(jnp.bfloat16)
+            else:
+                flat[path] = (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, jnp.bfloat16)
+            continue
+
+        def one_layer(layer_key, shape=spec.shape[1:], in_ndim=spec.in_ndim):
+            w = (cfg.initializer_range * jax.random.normal(layer_key, shape)).astype(jnp.bfloat16)
+            return quant.quantize_kernel(w, in_ndim, qcfg, stacked=False)
+
+        layer_keys = jax.random.split(jax.random.fold_in(key, path_seed(path)), spec.shape[0])
+        flat[path] = jax.lax.map(one_layer, layer_keys)
+    return traverse_util.unflatten_dict(flat)
 
 
 def batch_names(plan: JaxtuneStep) -> list[str]:
@@ -152,9 +212,8 @@ def batch_names(plan: JaxtuneStep) -> list[str]:
     return ["input_ids", "labels", "segment_ids", "positions"] + (["targets"] if plan.mesh.shape["sequence"] > 1 else [])
 
 
-def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", mesh_sizes: dict | None = None,
-                ce: str = "fused", remat: str | None = None, profile_dir: str | None = None,
-                ce_chunk: int | None = None) -> dict:
+def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = None,
+                knobs: JaxtuneKnobs = JaxtuneKnobs(), profile_dir: str | None = None) -> dict:
     """One jaxtune worker: the planned step on real (random) params and tokens, timed."""
     import jax
     import jax.numpy as jnp
@@ -165,8 +224,12 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
     from jaxtune.train.placement import create_state
     from jaxtune.train.state import partition
 
-    plan = plan_jaxtune(case, shape, steps, attention, dict(mesh_sizes or {}), ce, remat, ce_chunk)
-    params = jax.jit(plan.make_params, out_shardings=plan.shardings)(jax.random.key(0))
+    plan = plan_jaxtune(case, shape, steps, dict(mesh_sizes or {}), knobs)
+    if case.adapter == "qlora":  # op by op, so only one layer's bf16 kernel exists at a time (in
+        # one jit, XLA's buffer assignment keeps every kernel's quantisation temporaries apart)
+        params = jax.device_put(plan.make_params(jax.random.key(0)), plan.shardings)
+    else:
+        params = jax.jit(plan.make_params, out_shardings=plan.shardings)(jax.random.key(0))
     trainable, frozen = partition(params, plan.mask)
     del params
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
@@ -184,6 +247,7 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
     start = time.perf_counter()
     compiled = plan.compile(state, frozen, batch)
     compile_s = time.perf_counter() - start
+    step_gib = step_bytes(compiled)["total"] / 2**30
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
@@ -202,14 +266,13 @@ def run_jaxtune(case: Case, shape: dict, steps: int, attention: str = "cudnn", m
         print(summarize(profile_dir, steps=3), flush=True)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in plan.mesh.devices.flat)
     return dict(tokens_per_second=steps * plan.rows * case.seq / seconds, step_ms=1000 * seconds / steps,
-                peak_gib=peak / 2**30, compile_s=compile_s, devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
+                peak_gib=peak / 2**30, step_gib=step_gib, compile_s=compile_s, devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
                 seq=case.seq, global_rows=plan.rows, attention=plan.settings.attention,
                 loss=float(metrics["loss"]), frozen_gib=frozen_bytes / 2**30,
                 frozen_bytes_per_param=frozen_bytes / plan.model_cfg.num_params)
 
 
-def compile_ahead_of_time(case: Case, shape: dict, steps: int, attention: str, mesh_sizes: dict | None, ce: str,
-                          remat: str | None, ce_chunk: int | None) -> dict:
+def compile_ahead_of_time(case: Case, shape: dict, steps: int, mesh_sizes: dict | None, knobs: JaxtuneKnobs) -> dict:
     """The planned step lowered and compiled from abstract arrays (nothing is allocated), with
     XLA's per-device memory estimate and the collectives it holds. On CPU devices
     (XLA_FLAGS=--xla_force_host_platform_device_count=N) this checks a pod-sized config before its
@@ -222,7 +285,7 @@ def compile_ahead_of_time(case: Case, shape: dict, steps: int, attention: str, m
 
     from jaxtune.train.state import init_state, partition
 
-    plan = plan_jaxtune(case, shape, steps, attention, dict(mesh_sizes or {}), ce, remat, ce_chunk)
+    plan = plan_jaxtune(case, shape, steps, dict(mesh_sizes or {}), knobs)
     trainable, frozen = partition(jax.eval_shape(plan.make_params, jax.random.key(0)), plan.mask)
     _, frozen_sh = partition(plan.shardings, plan.mask)
     placed = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
@@ -231,18 +294,24 @@ def compile_ahead_of_time(case: Case, shape: dict, steps: int, attention: str, m
              for n in batch_names(plan)}
     start = time.perf_counter()
     compiled = plan.compile(state, placed(frozen, frozen_sh), batch)
-    memory = compiled.memory_analysis()
+    memory = step_bytes(compiled)
     collectives = collections.Counter(re.findall(
         r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", compiled.as_text()))
     gib = lambda b: b / 2**30
     return dict(aot=True, backend=jax.default_backend(), devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
                 seq=case.seq, global_rows=plan.rows, attention=plan.settings.attention,
                 compile_s=time.perf_counter() - start,
-                arguments_gib=gib(memory.argument_size_in_bytes), outputs_gib=gib(memory.output_size_in_bytes),
-                aliased_gib=gib(memory.alias_size_in_bytes), temp_gib=gib(memory.temp_size_in_bytes),
-                peak_estimate_gib=gib(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-                collectives=dict(collectives))
+                **{f"{name}_gib": gib(b) for name, b in memory.items() if name != "total"},
+                peak_estimate_gib=gib(memory["total"]), collectives=dict(collectives))
+
+
+def step_bytes(compiled) -> dict[str, int]:
+    """What XLA's buffer assignment gives the compiled step per device: arguments, outputs, aliased
+    (donated) bytes, temporaries and their total (the step's own peak, before fragmentation)."""
+    m = compiled.memory_analysis()
+    parts = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                 aliased=m.alias_size_in_bytes, temp=m.temp_size_in_bytes)
+    return dict(parts, total=parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temp"])
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -358,6 +427,9 @@ def main() -> None:
                         help="jaxtune's cross-entropy tokens per chunk (default: the trainer's, by vocab size)")
     parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
                                                         "(default nothing_saveable)")
+    parser.add_argument("--scan-unroll", type=int, default=None,
+                        help="jaxtune: layers per iteration of the layer loop (default as the trainer: all "
+                             "(unrolled) without checkpointing, 1 with it)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels")
     parser.add_argument("--aot", action="store_true",
                         help="jaxtune: only compile each mesh's step from abstract arrays and print its per-device "
@@ -365,6 +437,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, remat=args.remat,
+                         scan_unroll=args.scan_unroll)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]
@@ -377,11 +451,10 @@ def main() -> None:
         side, name, seq, mesh = args.worker
         case, shape = resolve(name, int(seq))
         if side == "jaxtune" and args.aot:
-            result = compile_ahead_of_time(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce,
-                                           args.remat, args.ce_chunk)
+            result = compile_ahead_of_time(case, shape, args.steps, parse_mesh(mesh), knobs)
         elif side == "jaxtune":
-            result = run_jaxtune(case, shape, args.steps, args.attention, parse_mesh(mesh), args.ce, args.remat,
-                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"), args.ce_chunk)
+            result = run_jaxtune(case, shape, args.steps, parse_mesh(mesh), knobs,
+                                 args.profile and os.path.join(args.profile, f"{name}-{case.seq}-{mesh}"))
         else:
             result = run_torch(case, shape, args.steps)
         print("RESULT " + json.dumps(result), flush=True)
@@ -399,8 +472,7 @@ def main() -> None:
                 sides = args.sides if mesh == args.meshes[0] else ["jaxtune"]
                 for side in sides:
                     cmd = [sys.executable, __file__, "--worker", side, name, str(case.seq), mesh,
-                           "--steps", str(args.steps), "--attention", args.attention, "--ce", args.ce] + (["--ce-chunk", str(args.ce_chunk)] if args.ce_chunk else []) + (
-                        ["--remat", args.remat] if args.remat else []) + (
+                           "--steps", str(args.steps)] + knobs.flags() + (
                         ["--profile", args.profile] if args.profile else []) + (["--aot"] if args.aot else []) + (
                         ["--tiny"] if args.tiny else []) + (["--batch", str(args.batch)] if args.batch else [])
                     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -425,8 +497,8 @@ def main() -> None:
                         f.write(json.dumps(rows[-1]) + "\n")
 
     print("\n| case | seq | mesh | jaxtune tok/s | step ms | scaling eff. | PyTorch tok/s | ratio | jaxtune GiB/GPU "
-          "| PyTorch GiB | jaxtune MFU | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| jaxtune step GiB | PyTorch GiB | jaxtune MFU | compile s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for row in rows:
         j, t = row.get("jaxtune", {}), row.get("torch", {})
@@ -434,7 +506,8 @@ def main() -> None:
         ratio = f"{jt / tt:.2f}" if jt and tt else "-"
         print(f"| {row['case']} | {row['seq']} | {row['mesh']} | {fmt(jt, ',.0f')} | {fmt(j.get('step_ms'), '.1f')} "
               f"| {fmt(j.get('scaling_efficiency'), '.2f')} | {fmt(tt, ',.0f')} | {ratio} "
-              f"| {fmt(j.get('peak_gib'), '.1f')} | {fmt(t.get('peak_gib'), '.1f')} | {fmt(j.get('mfu'), '.1%')} "
+              f"| {fmt(j.get('peak_gib'), '.1f')} | {fmt(j.get('step_gib'), '.1f')} | {fmt(t.get('peak_gib'), '.1f')} "
+              f"| {fmt(j.get('mfu'), '.1%')} "
               f"| {fmt(j.get('compile_s'), '.1f')} |")
 
 

@@ -29,12 +29,14 @@ class StepSettings:
     remat: str | None = None  # a name in jaxtune.model.transformer.REMAT_POLICIES
     ce_chunk_tokens: int | None = None  # tokens per cross-entropy chunk per device (None: by vocab size)
     ce_fused: bool = True  # the loss's gradient taken chunk by chunk in the forward pass (loss.py)
+    scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
 
 
 def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token losses, number of target tokens) for one micro-batch `[b, T]`."""
     h_btd = hidden_states(params, cfg, micro["input_ids"], segment_ids=micro["segment_ids"],
-                          positions=micro["positions"], dtype=s.dtype, attention=s.attention, remat=s.remat)
+                          positions=micro["positions"], dtype=s.dtype, attention=s.attention, remat=s.remat,
+                          scan_unroll=s.scan_unroll)
     # With context parallelism the batch arrives in zigzag order, where a token's neighbour in
     # memory is not its successor: the data path then supplies targets computed beforehand.
     targets_bt = micro["targets"] if "targets" in micro else next_token_targets(micro["labels"], micro["segment_ids"])
