@@ -65,13 +65,13 @@ class JaxtuneKnobs:
     ce: str = "fused"  # cross-entropy: "fused" (gradient in the forward pass) or "plain" (autodiff)
     ce_chunk: int | None = None  # tokens per cross-entropy chunk (None: the trainer's, by vocab size)
     remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
-    scan_unroll: int | None = None  # layers per iteration of the layer loop (None: the trainer's
-    # default, all of them (unrolled) without checkpointing, one (a loop) with it)
+    scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
+    # the number of layers: unrolled, as `scan_layers: false`)
 
     def flags(self) -> list[str]:
         """The same knobs as command-line flags (for the worker processes)."""
         return (["--attention", self.attention, "--ce", self.ce]
-                + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll else [])
+                + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
                 + (["--remat", self.remat] if self.remat else []))
 LR = 1e-4
@@ -162,7 +162,7 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         attention = "xla"
     settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=knobs.ce == "fused",
                             ce_chunk_tokens=knobs.ce_chunk,
-                            scan_unroll=knobs.scan_unroll or (1 if case.checkpointing else cfg.num_layers),
+                            scan_unroll=knobs.scan_unroll,
                             remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None)
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
@@ -427,9 +427,9 @@ def main() -> None:
                         help="jaxtune's cross-entropy tokens per chunk (default: the trainer's, by vocab size)")
     parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
                                                         "(default nothing_saveable)")
-    parser.add_argument("--scan-unroll", type=int, default=None,
-                        help="jaxtune: layers per iteration of the layer loop (default as the trainer: all "
-                             "(unrolled) without checkpointing, 1 with it)")
+    parser.add_argument("--scan-unroll", type=int, default=1,
+                        help="jaxtune: layers per iteration of the layer loop (the number of layers: unrolled, "
+                             "as the trainer's scan_layers: false)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels")
     parser.add_argument("--aot", action="store_true",
                         help="jaxtune: only compile each mesh's step from abstract arrays and print its per-device "

@@ -190,12 +190,9 @@ def test_lora_target_linear_and_remat_resolve():
     assert cfg.remat_policy == "dots_saveable"
 
 
-def test_layers_unrolled_without_checkpointing_and_looped_with_it_unless_set():
-    assert config_from_dict(MINIMAL).scan_layers is False
-    assert config_from_dict({**MINIMAL, "gradient_checkpointing": True}).scan_layers is True
-    assert config_from_dict({**MINIMAL, "remat_policy": "save_attention"}).scan_layers is True
-    assert config_from_dict({**MINIMAL, "scan_layers": True}).scan_layers is True
-    assert config_from_dict({**MINIMAL, "gradient_checkpointing": True, "scan_layers": False}).scan_layers is False
+def test_layers_looped_unless_scan_layers_false():
+    assert config_from_dict(MINIMAL).scan_layers is True
+    assert config_from_dict({**MINIMAL, "scan_layers": False}).scan_layers is False
 
 
 def test_sharding_rules_are_checked():

@@ -203,9 +203,10 @@ class Config:
         None, help="accepted for Axolotl configs; remat_policy decides in JAX")
     remat_policy: Literal[REMAT_POLICIES] | None = _help(  # type: ignore[valid-type]
         None, help="jax.checkpoint_policies name per layer (default from gradient_checkpointing)")
-    scan_layers: bool | None = _help(
-        None, help="run the layers as one loop (quick compile) or unrolled (faster steps, compile time grows "
-                   "with depth); default: unrolled without gradient checkpointing, a loop with it")
+    scan_layers: bool = _help(
+        True, help="run the layers as one loop, compile time independent of depth (DESIGN.md invariant 1); "
+                   "false unrolls them: faster steps without gradient checkpointing, compile time grows "
+                   "with depth")
     attention: Literal["auto", "pallas", "cudnn", "xla"] = _help("auto", help="attention backend")
 
     # --- parallelism
