@@ -182,28 +182,21 @@ def quantized_random_params(cfg, key, qcfg):
     from flax import traverse_util
 
     from jaxtune import quant
-    from jaxtune.model.params import init_params, param_specs, path_seed
+    from jaxtune.model.params import init_leaf, param_specs, path_seed
 
-    specs = param_specs(cfg)
     targets = set(quant.quantized_paths(cfg))
-    others = jax.eval_shape(lambda k: init_params(cfg, k, dtype=jnp.bfloat16), key)
     flat = {}
-    for path, leaf in traverse_util.flatten_dict(others).items():
-        spec = specs[path]
+    for path, spec in param_specs(cfg).items():
+        key_path = jax.random.fold_in(key, path_seed(path))
         if path not in targets:
-            if spec.init == "normal":
-                leaf_key = jax.random.fold_in(key, path_seed(path))
-                flat[path] = (cfg.initializer_range * jax.random.normal(leaf_key, spec.shape)).astype(jnp.bfloat16)
-            else:
-                flat[path] = (jnp.ones if spec.init == "ones" else jnp.zeros)(spec.shape, jnp.bfloat16)
+            flat[path] = init_leaf(cfg, spec, key_path, jnp.bfloat16)
             continue
 
-        def one_layer(layer_key, shape=spec.shape[1:], in_ndim=spec.in_ndim):
-            w = (cfg.initializer_range * jax.random.normal(layer_key, shape)).astype(jnp.bfloat16)
-            return quant.quantize_kernel(w, in_ndim, qcfg, stacked=False)
+        def one_layer(layer_key, spec=spec):
+            w = init_leaf(cfg, spec, layer_key, jnp.bfloat16, shape=spec.shape[1:])
+            return quant.quantize_kernel(w, spec.in_ndim, qcfg, stacked=False)
 
-        layer_keys = jax.random.split(jax.random.fold_in(key, path_seed(path)), spec.shape[0])
-        flat[path] = jax.lax.map(one_layer, layer_keys)
+        flat[path] = jax.lax.map(one_layer, jax.random.split(key_path, spec.shape[0]))
     return traverse_util.unflatten_dict(flat)
 
 

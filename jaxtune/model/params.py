@@ -101,17 +101,19 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32) -> dict:
     Each leaf's key is folded in from its path, so adding a leaf never changes the others.
     Jit this with `out_shardings` to create params already sharded.
     """
-    dtype = jnp.dtype(dtype)
-    flat = {}
-    for path, spec in param_specs(cfg).items():
-        if spec.init == "ones":
-            flat[path] = jnp.ones(spec.shape, dtype)
-        elif spec.init == "zeros":
-            flat[path] = jnp.zeros(spec.shape, dtype)
-        else:
-            key = jax.random.fold_in(rng, path_seed(path))
-            flat[path] = (cfg.initializer_range * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
-    return traverse_util.unflatten_dict(flat)
+    specs = param_specs(cfg)
+    return traverse_util.unflatten_dict(
+        {path: init_leaf(cfg, spec, jax.random.fold_in(rng, path_seed(path)), dtype) for path, spec in specs.items()})
+
+
+def init_leaf(cfg: ModelConfig, spec: ParamSpec, key: jax.Array, dtype, shape: tuple[int, ...] | None = None):
+    """One leaf by its spec's init rule; `shape` overrides the spec's (e.g. one layer's slice)."""
+    shape = spec.shape if shape is None else shape
+    if spec.init == "ones":
+        return jnp.ones(shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (cfg.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def path_seed(path: Path) -> int:
