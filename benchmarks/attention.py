@@ -66,8 +66,9 @@ if DRYRUN:
         ("B1 S256 H4/KH2 D64 causal GQA", 1, 256, 4, 2, 64, True, 0),
     ]
 # "ours-dkv-group-loop": ours with `dkv_per_query_head=False` (the dK/dV program loops over its
-# kv head's query heads; GQA cases only)
-IMPLS = ["ours", "ours-dkv-group-loop", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
+# kv head's query heads; GQA cases only). "ours-mosaic-fwd": ours with the Hopper forward
+# (`forward="mosaic"`, kernels/flash_attention_mosaic.py; no packed rows) and the Triton backward.
+IMPLS = ["ours", "ours-dkv-group-loop", "ours-mosaic-fwd", "cudnn", "xla", "jax-pallas", "torch-sdpa-flash", "torch-sdpa-cudnn"]
 
 
 def _flops(b, s, h, d, causal):
@@ -124,6 +125,8 @@ def _inputs(b, s, h, kh, d, dtype=jnp.bfloat16, seed=0):
 
 
 def _jax_impl(name, causal, blocks):
+    if name == "ours-mosaic-fwd":
+        return _jax_impl("ours", causal, dataclasses.replace(blocks, forward="mosaic"))
     if name == "ours-dkv-group-loop":
         return _jax_impl("ours", causal, dataclasses.replace(blocks, dkv_per_query_head=False))
     if name == "ours":

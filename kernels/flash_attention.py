@@ -83,8 +83,14 @@ class BlockSizes:
     num_warps_dq: int = 8
     num_stages_dq: int = 3
     dkv_per_query_head: bool = True
+    # "triton" (Pallas on Triton, every feature) or "mosaic": the Hopper forward in
+    # flash_attention_mosaic.py (opt-in and unmeasured; no segment ids, windows or offsets, lengths
+    # a multiple of the tiles). The backward is the Triton one either way.
+    forward: str = "triton"
 
     def __post_init__(self):
+        if self.forward not in ("triton", "mosaic"):
+            raise ValueError(f"BlockSizes.forward={self.forward!r} must be 'triton' or 'mosaic'")
         for name in (
             "block_q",
             "block_kv",
@@ -546,6 +552,11 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
     `pos` = int32 [q_offset - kv_offset, window]. Query blocks run along the grid's fastest axis,
     so the programs in flight share their head's K/V in L2.
     """
+    if st.blocks.forward == "mosaic":  # the caller (_flash_attention) checked the case fits it
+        from jaxtune.kernels.flash_attention_mosaic import mosaic_forward
+
+        return mosaic_forward(q, k, v, causal=st.flags.causal, scale_log2=st.sm_scale * _LOG2E,
+                              block_kv=st.blocks.block_kv, stages=2, interpret=st.interpret)
     b, sq, h, d = q.shape
     _, skv, kh, _ = k.shape
     group = h // kh
@@ -841,6 +852,24 @@ def _check(q, k, v, segment_ids, kv_segment_ids, sm_scale):
         raise ValueError(f"sm_scale must be positive; got {sm_scale=}")
 
 
+def _check_mosaic_case(q, k, segmented, windowed, d_padded, padded, offsets=False):
+    """What the Mosaic forward cannot do yet, named, instead of a wrong answer."""
+    problems = ["q/kv offsets (ring attention)"] if offsets else []
+    if segmented:
+        problems.append("segment ids")
+    if windowed:
+        problems.append("a sliding window")
+    if q.shape[1] != k.shape[1] or padded:
+        problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles are needed)")
+    if q.shape[3] != d_padded or q.shape[3] not in (64, 128, 256):
+        problems.append(f"head_dim {q.shape[3]} (64, 128 or 256)")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        problems.append(f"dtype {q.dtype} (bf16/fp16)")
+    if problems:
+        raise NotImplementedError("BlockSizes(forward='mosaic') does not support " + ", ".join(problems)
+                                  + "; use forward='triton'")
+
+
 def _pad_to(x, n, axis=1, value=0):
     pad = n - x.shape[axis]
     if pad == 0:
@@ -893,6 +922,9 @@ def _flash_attention(
         q_seg = _pad_to(q_seg.astype(jnp.int32), sq_p, value=_Q_PAD_SEGMENT)
         kv_seg = _pad_to(kv_seg.astype(jnp.int32), skv_p, value=_KV_PAD_SEGMENT)
     flags = _Flags(causal=bool(causal), segmented=q_seg is not None, windowed=window is not None)
+    if blocks.forward == "mosaic":
+        _check_mosaic_case(q, k, segment_ids is not None or kv_segment_ids is not None, window is not None,
+                           d_p, padded=(sq_p, skv_p) != (sq, skv))
     st = _Static(sm_scale=float(sm_scale), flags=flags, blocks=blocks, interpret=bool(interpret))
 
     delta = jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32)
@@ -959,6 +991,10 @@ def flash_attention(
     the backward takes the lse cotangent (tests/test_flash_attention.py has such a merge).
     """
     _check(q, k, v, segment_ids, kv_segment_ids, sm_scale)
+    if block_sizes is not None and block_sizes.forward == "mosaic" and not (
+            isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset):
+        # checked here: inside the jitted function below the offsets are traced values
+        _check_mosaic_case(q, k, False, False, q.shape[3], False, offsets=True)
     if isinstance(window, int) and window <= 0:
         window = None  # static "no window": no mask arithmetic at all
     return _flash_attention(
