@@ -55,6 +55,7 @@ CASES = {
     "8b-lora-long": Case("8b", 65536, 1, "lora", True),  # issue 11 (b): data=2,tensor=2,sequence=2
 }
 LORA_R, LORA_ALPHA = 16, 32
+LR = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,6 @@ class JaxtuneKnobs:
                 + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
                 + (["--remat", self.remat] if self.remat else []))
-LR = 1e-4
 
 
 def flops_per_token(shape: dict, seq: int) -> float:

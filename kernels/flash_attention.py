@@ -852,16 +852,32 @@ def _check(q, k, v, segment_ids, kv_segment_ids, sm_scale):
         raise ValueError(f"sm_scale must be positive; got {sm_scale=}")
 
 
-def _check_mosaic_case(q, k, segmented, windowed, d_padded, padded, offsets=False):
-    """What the Mosaic forward cannot do yet, named, instead of a wrong answer."""
-    problems = ["q/kv offsets (ring attention)"] if offsets else []
-    if segmented:
+def _tiled_shape(block_sizes, q, k):
+    """(blocks clamped to the lengths, padded q length, padded kv length, padded head dim).
+
+    Lengths are padded to a multiple of every tile (no masked loads in the kernels) and the head
+    dim to a power of two (Triton tiles); zero columns change no dot product."""
+    sq, skv, d = q.shape[1], k.shape[1], q.shape[3]
+    blocks = (block_sizes or BlockSizes.get_default(d, q.dtype))._clamped(sq, skv)
+    mult_q = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    mult_kv = max(blocks.block_kv, blocks.block_kv_dkv, blocks.block_kv_dq)
+    return blocks, pl.cdiv(sq, mult_q) * mult_q, pl.cdiv(skv, mult_kv) * mult_kv, max(_MIN_BLOCK, pl.next_power_of_2(d))
+
+
+def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes):
+    """What the Mosaic forward cannot do yet, named, instead of a wrong answer. Runs before the
+    jitted `_flash_attention`, where the offsets would be traced values."""
+    _, sq_p, skv_p, d_p = _tiled_shape(block_sizes, q, k)
+    problems = []
+    if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset):
+        problems.append("q/kv offsets (ring attention)")
+    if segment_ids is not None or kv_segment_ids is not None:
         problems.append("segment ids")
-    if windowed:
+    if window is not None:
         problems.append("a sliding window")
-    if q.shape[1] != k.shape[1] or padded:
+    if q.shape[1] != k.shape[1] or (sq_p, skv_p) != (q.shape[1], k.shape[1]):
         problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles are needed)")
-    if q.shape[3] != d_padded or q.shape[3] not in (64, 128, 256):
+    if q.shape[3] != d_p or q.shape[3] not in (64, 128, 256):
         problems.append(f"head_dim {q.shape[3]} (64, 128 or 256)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"dtype {q.dtype} (bf16/fp16)")
@@ -902,14 +918,7 @@ def _flash_attention(
     skv = k.shape[1]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-    blocks = (block_sizes or BlockSizes.get_default(d, q.dtype))._clamped(sq, skv)
-
-    # Pad lengths to a multiple of every tile (no masked loads in the kernels) and the head dim
-    # to a power of two (Triton tiles); zero columns change no dot product.
-    mult_q = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    mult_kv = max(blocks.block_kv, blocks.block_kv_dkv, blocks.block_kv_dq)
-    sq_p, skv_p = pl.cdiv(sq, mult_q) * mult_q, pl.cdiv(skv, mult_kv) * mult_kv
-    d_p = max(_MIN_BLOCK, pl.next_power_of_2(d))
+    blocks, sq_p, skv_p, d_p = _tiled_shape(block_sizes, q, k)
     q_seg, kv_seg = segment_ids, kv_segment_ids
     if q_seg is not None and kv_seg is None:
         kv_seg = q_seg
@@ -922,9 +931,6 @@ def _flash_attention(
         q_seg = _pad_to(q_seg.astype(jnp.int32), sq_p, value=_Q_PAD_SEGMENT)
         kv_seg = _pad_to(kv_seg.astype(jnp.int32), skv_p, value=_KV_PAD_SEGMENT)
     flags = _Flags(causal=bool(causal), segmented=q_seg is not None, windowed=window is not None)
-    if blocks.forward == "mosaic":
-        _check_mosaic_case(q, k, segment_ids is not None or kv_segment_ids is not None, window is not None,
-                           d_p, padded=(sq_p, skv_p) != (sq, skv))
     st = _Static(sm_scale=float(sm_scale), flags=flags, blocks=blocks, interpret=bool(interpret))
 
     delta = jnp.asarray(q_offset, jnp.int32) - jnp.asarray(kv_offset, jnp.int32)
@@ -991,12 +997,10 @@ def flash_attention(
     the backward takes the lse cotangent (tests/test_flash_attention.py has such a merge).
     """
     _check(q, k, v, segment_ids, kv_segment_ids, sm_scale)
-    if block_sizes is not None and block_sizes.forward == "mosaic" and not (
-            isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset):
-        # checked here: inside the jitted function below the offsets are traced values
-        _check_mosaic_case(q, k, False, False, q.shape[3], False, offsets=True)
     if isinstance(window, int) and window <= 0:
         window = None  # static "no window": no mask arithmetic at all
+    if block_sizes is not None and block_sizes.forward == "mosaic":
+        _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes)
     return _flash_attention(
         q,
         k,
