@@ -33,6 +33,23 @@ def load_events(trace_dir: str) -> list[dict]:
     return [e for e in spans if e["pid"] in gpu_pids] if gpu_pids else spans
 
 
+# Kernel families by name, first match wins: which kind of work the time goes to.
+CATEGORIES = (
+    ("matmul (cuBLAS/cuBLASLt, Triton GEMM fusions)", r"nvjet|cutlass|cublas|gemm|xmma|sm90_"),
+    ("attention kernels", r"flash|cudnn|attention|mha"),
+    ("copies and slices", r"memcpy|memset|copy|dynamic.slice|dynamic.update|slice|transpose"),
+    ("reductions (input_* fusions)", r"^input_|reduce"),
+    ("elementwise (loop_* fusions)", r"^loop_|fusion"),
+)
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
 def summarize(trace_dir: str, steps: int = 1, top: int = 30) -> str:
     totals, counts = collections.Counter(), collections.Counter()
     for e in load_events(trace_dir):
@@ -40,8 +57,15 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 30) -> str:
         totals[name] += e["dur"]
         counts[name] += 1
     device_us = sum(totals.values())
+    by_category, kinds = collections.Counter(), collections.Counter()
+    for name, us in totals.items():
+        by_category[category(name)] += us
+        kinds[category(name)] += 1
     lines = [f"device time {device_us / 1e3 / steps:.1f} ms per step (sum over streams) in {len(totals)} kernel kinds",
-             "| kernel | ms/step | share | calls/step |", "| --- | ---: | ---: | ---: |"]
+             "| kind of kernel | ms/step | share | kernel kinds |", "| --- | ---: | ---: | ---: |"]
+    for label, us in by_category.most_common():
+        lines.append(f"| {label} | {us / 1e3 / steps:.2f} | {us / device_us:.1%} | {kinds[label]} |")
+    lines += ["", "| kernel | ms/step | share | calls/step |", "| --- | ---: | ---: | ---: |"]
     for name, us in totals.most_common(top):
         lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / device_us:.1%} | {counts[name] / steps:.0f} |")
     return "\n".join(lines)

@@ -256,7 +256,7 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
             for _ in range(3):
                 state, metrics = compiled(state, frozen, batch)
             jax.block_until_ready(metrics)
-        print(summarize(profile_dir, steps=3), flush=True)
+        print(summarize(profile_dir, steps=3, top=60), flush=True)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in plan.mesh.devices.flat)
     return dict(tokens_per_second=steps * plan.rows * case.seq / seconds, step_ms=1000 * seconds / steps,
                 peak_gib=peak / 2**30, step_gib=step_gib, compile_s=compile_s, devices=plan.mesh.size, mesh=dict(plan.mesh.shape),

@@ -307,3 +307,14 @@ def test_shape_errors_are_clear(bad):
         k = k.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match=r"shape=|dtype="):
         flash_attention(q, k, k if bad != "dtype" else k, segment_ids=seg, interpret=INTERPRET)
+
+
+def test_exp2_choice():
+    # Compiled 16-bit kernels use the one-instruction ex2.approx (RESULTS.md: 3-5% fwd+bwd on an
+    # H200); fp32 inputs keep the exact path, and interpret mode cannot run inline PTX.
+    flags = fa_mod._Flags(causal=True, segmented=False, windowed=False)
+    compiled = fa_mod._Static(sm_scale=1.0, flags=flags, blocks=BlockSizes(), interpret=False)
+    assert fa_mod._exp2_for(compiled, jnp.bfloat16) is fa_mod._ex2_approx
+    assert fa_mod._exp2_for(compiled, jnp.float16) is fa_mod._ex2_approx
+    assert fa_mod._exp2_for(compiled, jnp.float32) is jnp.exp2
+    assert fa_mod._exp2_for(dataclasses.replace(compiled, interpret=True), jnp.bfloat16) is jnp.exp2
