@@ -49,7 +49,7 @@ from flax import struct, traverse_util
 
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import dense, register_linear, register_linear_group
+from jaxtune.model.linear import dense, register_linear
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
 
@@ -150,28 +150,21 @@ def _column_norm(weight: jax.Array, in_axes: tuple[int, ...]) -> jax.Array:
     return jnp.sqrt(jnp.sum(weight * weight, axis=in_axes))
 
 
-def _plain_lora_out(x: jax.Array, w: LoRA, spec: str, xa: jax.Array, dtype) -> jax.Array:
-    """x·W + (x·A)·(s·B), given x·A: LoRA without DoRA, every product written in `dtype`.
-
-    s is folded into B (an [r, out] multiply), and every product is written in `dtype`
-    (accumulated in float32), as PEFT does in bf16: a float32 [B, T, out] result would cost a write
-    and a read more, and XLA GPU folds a `dtype` addend into the base GEMM (cuBLAS beta = 1: the
-    H200 profiles show the addend copied into the output, then the GEMM accumulating onto it)."""
-    _, b_spec, _, _ = _adapter_specs(spec)
-    lora_out = jnp.einsum(b_spec, xa, (w.scale * w.b).astype(dtype), preferred_element_type=dtype)
-    return jnp.einsum(spec, x, quant.dequantize(w.base, dtype), preferred_element_type=dtype) + lora_out
-
-
 def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
     a_spec, b_spec, delta_spec, in_ndim = _adapter_specs(spec)
     x = x.astype(dtype)
+    base_w = quant.dequantize(w.base, dtype)
     dropped = w.dropout_key is not None and w.dropout > 0.0
     x_lora = _dropout(x, w.dropout_key, w.dropout)
     xa = jnp.einsum(a_spec, x_lora, w.a.astype(dtype), preferred_element_type=dtype)
     if w.magnitude is None:
-        return _plain_lora_out(x, w, spec, xa, dtype)
+        # s is folded into B (an [r, out] multiply), and every product is written in `dtype`
+        # (accumulated in float32), as PEFT does in bf16: a float32 [B, T, out] result would cost
+        # a write and a read more, and XLA GPU folds a `dtype` addend into the base GEMM (cuBLAS
+        # beta = 1: H200 profiles show the addend copied into the output, the GEMM adding onto it).
+        lora_out = jnp.einsum(b_spec, xa, (w.scale * w.b).astype(dtype), preferred_element_type=dtype)
+        return jnp.einsum(spec, x, base_w, preferred_element_type=dtype) + lora_out
     # DoRA, in float32. The norm needs W + s·AB, which exists only here, under stop_gradient.
-    base_w = quant.dequantize(w.base, dtype)
     base_out = dense(x, base_w, spec, dtype)
     lora_out = jnp.einsum(b_spec, xa, w.b.astype(dtype), preferred_element_type=jnp.float32)
     delta = jnp.einsum(delta_spec, w.a.astype(jnp.float32), w.b.astype(jnp.float32))
@@ -184,27 +177,7 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
     return base_out + (mag_scale - 1.0) * base_dropped + mag_scale * (w.scale * lora_out)
 
 
-def _lora_linears(x: jax.Array, ws: list[LoRA], specs: list[str], dtype) -> list[jax.Array] | None:
-    """Several plain LoRA projections of one input (q/k/v, gate/up): x·[A₁ | A₂ | ...] is one
-    product, split by rank afterwards, so x is read once instead of once per adapter, and the
-    backward's x-gradient through the adapters is one product too. Declines (None: `linear` one by
-    one) for DoRA and for active dropout, where each adapter sees its own dropped copy of x as in
-    PEFT."""
-    if any(w.magnitude is not None or (w.dropout_key is not None and w.dropout > 0.0) for w in ws):
-        return None
-    a_specs = {_adapter_specs(spec)[0] for spec in specs}
-    if len(a_specs) != 1:  # different input letters: nothing to share
-        return None
-    x = x.astype(dtype)
-    a_cat = jnp.concatenate([w.a.astype(dtype) for w in ws], axis=-1)
-    xa = jnp.einsum(a_specs.pop(), x, a_cat, preferred_element_type=dtype)
-    ends = np.cumsum([w.rank for w in ws])
-    return [_plain_lora_out(x, w, spec, xa[..., end - w.rank:end], dtype)
-            for w, spec, end in zip(ws, specs, ends)]
-
-
 register_linear(LoRA, _lora_linear)
-register_linear_group(LoRA, _lora_linears)
 
 
 # ---------------------------------------------------------------------------------------------

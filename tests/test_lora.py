@@ -13,7 +13,7 @@ from flax import traverse_util
 from jaxtune import lora
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import dense, linear, linears
+from jaxtune.model.linear import dense, linear
 from jaxtune.model.params import init_params, param_specs
 from jaxtune.model.transformer import forward
 from jaxtune.mesh import make_mesh
@@ -83,32 +83,6 @@ def test_linear_equals_dense_with_merged_weight(params, name, dora):
     np.testing.assert_allclose(ours, dense(x, merged, SPECS[name], jnp.float32), rtol=1e-5, atol=1e-6)
     # merge() computes the same kernel for export
     np.testing.assert_allclose(lora.merge({"w": leaf})["w"][1], merged, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj"), ("q_proj", "v_proj")])
-def test_sibling_adapters_share_one_x_a_product(params, targets):
-    # q/k/v through `linears`: the adapters' x·A is one product (x read once), and values and
-    # gradients (x, A, B) equal projecting one by one; a plain kernel among them (k when only
-    # q and v are adapted) goes its own way.
-    cfg = lora.LoraConfig(r=3, alpha=7.0, target_modules=targets)
-    flat = traverse_util.flatten_dict(randomize_adapters(lora.apply(params, cfg, CFG, jax.random.key(1))))
-    ws = [layer_slice(flat[PROJ[n]], 1) for n in ("q_proj", "k_proj", "v_proj")]
-    specs = ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"]
-    bias = [None, jnp.arange(2.0 * 6).reshape(2, 6) / 10, None]  # a k bias (Qwen2-style) on one of them
-    x = jax.random.normal(jax.random.key(2), (2, 5, CFG.hidden_size))
-
-    def loss(x, ws, together):
-        outs = (linears(x, ws, specs, jnp.float32, bias) if together else
-                [linear(x, w, spec, jnp.float32, b) for w, spec, b in zip(ws, specs, bias)])
-        return sum(jnp.sum(jnp.sin(o)) for o in outs)
-
-    (v1, g1), (v2, g2) = (jax.value_and_grad(loss, argnums=(0, 1))(x, ws, t) for t in (True, False))
-    np.testing.assert_allclose(v1, v2, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    rank_dots = [s for prim, shapes in _eqn_shapes(jax.make_jaxpr(lambda x: linears(x, ws, specs, jnp.float32, bias))(x).jaxpr)
-                 for s in shapes if prim == "dot_general" and s[:2] == (2, 5) and len(s) == 3]
-    assert rank_dots == [(2, 5, 3 * len(targets))], rank_dots  # one x·[A_q | A_k | A_v] product
 
 
 def _eqn_shapes(jaxpr):

@@ -16,19 +16,11 @@ import numpy as np
 
 LinearImpl = Callable[..., jax.Array]
 _IMPLS: dict[type, LinearImpl] = {}
-# leaf type -> impl(x, ws, specs, dtype): several projections of one input at once, or None
-# where these weights cannot share the work (then each goes through `linear`).
-_GROUP_IMPLS: dict[type, Callable[..., list | None]] = {}
 
 
 def register_linear(leaf_type: type, impl: LinearImpl) -> None:
     """Make `linear` call `impl(x, w, spec, dtype)` (float32 or `dtype` result) for `leaf_type` weights."""
     _IMPLS[leaf_type] = impl
-
-
-def register_linear_group(leaf_type: type, impl: Callable[..., list | None]) -> None:
-    """Make `linears` call `impl(x, ws, specs, dtype)` when every weight is a `leaf_type`."""
-    _GROUP_IMPLS[leaf_type] = impl
 
 
 def dense(x: jax.Array, kernel: jax.Array, spec: str, dtype, out_dtype=jnp.float32) -> jax.Array:
@@ -51,31 +43,6 @@ def linear(x: jax.Array, w, spec: str, dtype, bias: jax.Array | None = None) -> 
         if impl is None:
             raise TypeError(f"linear() has no implementation for weight leaf type {type(w).__name__}")
         out = impl(x, w, spec, dtype)
-    return _add_bias(out, bias, dtype)
-
-
-def linears(x: jax.Array, ws: list, specs: list[str], dtype, biases: list) -> list[jax.Array]:
-    """`[linear(x, w, spec, dtype, bias) ...]` for projections that read the same `x` (q/k/v,
-    gate/up). Weights of a type with a group implementation are done together (LoRA computes the
-    x·A of all its adapters in one product: one read of x instead of one per projection, in the
-    forward and the backward); the others, and any group that declines, one by one."""
-    outs: list = [None] * len(ws)
-    by_type: dict[type, list[int]] = {}
-    for i, w in enumerate(ws):
-        by_type.setdefault(type(w), []).append(i)
-    for leaf_type, idx in by_type.items():
-        group = _GROUP_IMPLS.get(leaf_type)
-        if group is None or len(idx) < 2:
-            continue
-        done = group(x, [ws[i] for i in idx], [specs[i] for i in idx], dtype)
-        if done is not None:
-            for i, out in zip(idx, done):
-                outs[i] = _add_bias(out, biases[i], dtype)
-    return [out if out is not None else linear(x, w, spec, dtype, bias)
-            for out, w, spec, bias in zip(outs, ws, specs, biases)]
-
-
-def _add_bias(out: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
     if bias is not None:
         out = out.astype(jnp.float32) + bias.astype(jnp.float32)
     return out.astype(dtype)

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.model.attention import self_attention
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import dense, linear, linears
+from jaxtune.model.linear import dense, linear
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
 
@@ -90,10 +90,9 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     """
     attn, mlp = layer["self_attn"], layer["mlp"]
     x_btd = rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    qkv = [attn[name] for name in ("q_proj", "k_proj", "v_proj")]
-    q_btnh, k_btkh, v_btkh = linears(x_btd, [m["kernel"] for m in qkv],
-                                     ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"], dtype,
-                                     [_bias(m) for m in qkv])
+    q_btnh = linear(x_btd, attn["q_proj"]["kernel"], "btd,dnh->btnh", dtype, _bias(attn["q_proj"]))
+    k_btkh = linear(x_btd, attn["k_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["k_proj"]))
+    v_btkh = linear(x_btd, attn["v_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["v_proj"]))
     if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
         q_btnh = rms_norm(q_btnh, attn["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = rms_norm(k_btkh, attn["k_norm"]["scale"], cfg.rms_norm_eps)
@@ -105,9 +104,8 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     h_btd = constrain(h_btd, RESIDUAL)
 
     x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    gate_up = [mlp["gate_proj"], mlp["up_proj"]]
-    gate_btf, up_btf = linears(x_btd, [m["kernel"] for m in gate_up], ["btd,df->btf"] * 2, dtype,
-                               [_bias(m) for m in gate_up])
+    gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
+    up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["up_proj"]))
     act_btf = constrain(gated_activation(gate_btf, up_btf, cfg.hidden_act), MLP)
     h_btd = h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
     return constrain(h_btd, RESIDUAL), attend_state
