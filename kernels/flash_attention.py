@@ -84,8 +84,9 @@ class BlockSizes:
     num_stages_dq: int = 3
     dkv_per_query_head: bool = True
     # "triton" (Pallas on Triton, every feature) or "mosaic": the Hopper forward in
-    # flash_attention_mosaic.py (opt-in, slower than Triton on an H200 so far; no segment ids,
-    # windows or offsets, lengths a multiple of the tiles). The backward is Triton either way.
+    # flash_attention_mosaic.py (opt-in: its first version was slower than Triton on an H200, the
+    # FlashAttention-3-style rewrite is unmeasured; no segment ids, windows or offsets, lengths a
+    # multiple of the tiles and of 128). The backward is Triton either way.
     forward: str = "triton"
 
     def __post_init__(self):
@@ -900,8 +901,11 @@ def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_o
         problems.append("segment ids")
     if window is not None:
         problems.append("a sliding window")
-    if q.shape[1] != k.shape[1] or (sq_p, skv_p) != (q.shape[1], k.shape[1]):
-        problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles are needed)")
+    from jaxtune.kernels.flash_attention_mosaic import TILE_Q  # query rows per Mosaic program
+
+    if q.shape[1] != k.shape[1] or (sq_p, skv_p) != (q.shape[1], k.shape[1]) or q.shape[1] % TILE_Q:
+        problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles and of "
+                        f"{TILE_Q} are needed)")
     if q.shape[3] != d_p or q.shape[3] not in (64, 128, 256):
         problems.append(f"head_dim {q.shape[3]} (64, 128 or 256)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):

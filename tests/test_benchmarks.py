@@ -66,3 +66,33 @@ def test_two_process_parity_script_agrees(tmp_path):
     out = run("benchmarks/two_process_parity.py", "--steps", "3", "--out", str(tmp_path), "--set", "bf16=false",
               "--rtol", "1e-5", env=env)
     assert "steps match: True" in out
+
+
+def _load(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_impl_overrides_and_profile_kinds():
+    # `--impls ours:field=value:...` times BlockSizes variants side by side in one GPU call;
+    # the profile summary sums kernels by kind (matmul, attention, elementwise, ...).
+    from jaxtune.kernels.flash_attention import BlockSizes
+
+    attention = _load("attention")
+    base, blocks = attention._with_overrides("ours:num_warps_dkv=8:dkv_per_query_head=0:forward=mosaic",
+                                             BlockSizes())
+    assert base == "ours"
+    assert (blocks.num_warps_dkv, blocks.dkv_per_query_head, blocks.forward) == (8, False, "mosaic")
+    with pytest.raises(SystemExit, match="not a BlockSizes field"):
+        attention._with_overrides("ours:warps=8", BlockSizes())
+    kinds = _load("profile_summary").category
+    assert kinds("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT").startswith("matmul")
+    assert kinds("gemm_fusion_dot_1101").startswith("matmul")
+    assert kinds("jaxtune_flash_bwd_dkv") == "attention kernels"
+    assert kinds("input_reduce_fusion_1").startswith("reductions")
+    assert kinds("loop_convert_fusion_16").startswith("elementwise")
+    assert kinds("memcpy128") == "copies and slices"

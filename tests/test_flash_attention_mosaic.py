@@ -18,9 +18,9 @@ MOSAIC = dataclasses.replace(BlockSizes.tiles(64, 64), forward="mosaic")
 
 
 @pytest.mark.parametrize("b,s,h,kh,d,causal", [
-    (1, 128, 2, 1, 64, True),     # MQA, two query tiles, the causal diagonal
-    (2, 192, 4, 2, 128, False),   # GQA, full attention, three kv blocks through the pipeline
-    (1, 256, 2, 2, 64, True),     # more kv blocks than pipeline buffers
+    (1, 128, 2, 1, 64, True),     # MQA, one program (two consumer warpgroups), the causal diagonal
+    (1, 256, 4, 2, 128, False),   # GQA, full attention, four kv blocks through two pipeline buffers
+    (1, 384, 2, 2, 64, True),     # causal over three programs: 2, 4 and 6 kv blocks
 ])
 def test_mosaic_forward_matches_the_reference_and_feeds_the_backward(b, s, h, kh, d, causal):
     q, k, v, do, w = _inputs(0, b, s, s, h, kh, d, jnp.bfloat16)
@@ -48,6 +48,9 @@ def test_mosaic_forward_refuses_what_it_cannot_do(kwargs, named):
 def test_mosaic_forward_refuses_lengths_that_need_padding_and_float32():
     q, k, v, *_ = _inputs(0, 1, 100, 100, 2, 2, 64, jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="lengths 100/100"):
+        flash_attention(q, k, v, block_sizes=MOSAIC, interpret=INTERPRET)
+    q, k, v, *_ = _inputs(0, 1, 192, 192, 2, 2, 64, jnp.bfloat16)  # whole 64-tiles, half a program
+    with pytest.raises(NotImplementedError, match="lengths 192/192"):
         flash_attention(q, k, v, block_sizes=MOSAIC, interpret=INTERPRET)
     q, k, v, *_ = _inputs(0, 1, 128, 128, 2, 2, 64, jnp.float32)
     with pytest.raises(NotImplementedError, match="dtype float32"):
