@@ -68,7 +68,7 @@ if DRYRUN:
 # "ours-dkv-group-loop": ours with `dkv_per_query_head=False` (the dK/dV program loops over its
 # kv head's query heads; GQA cases only). "ours-mosaic-fwd": ours with the Hopper forward
 # (`forward="mosaic"`, kernels/flash_attention_mosaic.py; no packed rows) and the Triton backward.
-# Any of them takes BlockSizes overrides after colons, e.g. "ours:dq_atomic=1:block_kv_dkv=128".
+# Any of them takes BlockSizes overrides after colons, e.g. "ours:num_stages_dkv=3:block_kv_dkv=128".
 IMPLS = ["ours", "ours-dkv-group-loop", "ours-mosaic-fwd", "cudnn", "xla", "jax-pallas", "jax-mgpu", "torch-sdpa-flash",
          "torch-sdpa-cudnn"]
 

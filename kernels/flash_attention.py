@@ -893,6 +893,8 @@ def _tiled_shape(block_sizes, q, k):
 def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes):
     """What the Mosaic forward cannot do yet, named, instead of a wrong answer. Runs before the
     jitted `_flash_attention`, where the offsets would be traced values."""
+    from jaxtune.kernels.flash_attention_mosaic import TILE_Q  # query rows per Mosaic program
+
     _, sq_p, skv_p, d_p = _tiled_shape(block_sizes, q, k)
     problems = []
     if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset):
@@ -901,8 +903,6 @@ def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_o
         problems.append("segment ids")
     if window is not None:
         problems.append("a sliding window")
-    from jaxtune.kernels.flash_attention_mosaic import TILE_Q  # query rows per Mosaic program
-
     if q.shape[1] != k.shape[1] or (sq_p, skv_p) != (q.shape[1], k.shape[1]) or q.shape[1] % TILE_Q:
         problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles and of "
                         f"{TILE_Q} are needed)")
