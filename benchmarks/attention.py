@@ -65,11 +65,12 @@ if DRYRUN:
         ("B1 S256 H2 D64 causal packed8", 1, 256, 2, 2, 64, True, 8),
         ("B1 S256 H4/KH2 D64 causal GQA", 1, 256, 4, 2, 64, True, 0),
     ]
-# "ours-dkv-group-loop": ours with `dkv_per_query_head=False` (the dK/dV program loops over its
-# kv head's query heads; GQA cases only). "ours-mosaic-fwd": ours with the Hopper forward
-# (`forward="mosaic"`, kernels/flash_attention_mosaic.py; no packed rows) and the Triton backward.
+# "ours" is the defaults (`forward="auto"`: the Mosaic forward on Hopper where a case fits it, so
+# not for packed rows). "ours-dkv-group-loop": `dkv_per_query_head=False` (the dK/dV program loops
+# over its kv head's query heads; GQA cases only). "ours-mosaic-fwd" / "ours-triton-fwd": that
+# forward kernel forced (kernels/flash_attention_mosaic.py has no packed rows); Triton backward.
 # Any of them takes BlockSizes overrides after colons, e.g. "ours:num_stages_dkv=3:block_kv_dkv=128".
-IMPLS = ["ours", "ours-dkv-group-loop", "ours-mosaic-fwd", "cudnn", "xla", "jax-pallas", "jax-mgpu", "torch-sdpa-flash",
+IMPLS = ["ours", "ours-dkv-group-loop", "ours-mosaic-fwd", "ours-triton-fwd", "cudnn", "xla", "jax-pallas", "jax-mgpu", "torch-sdpa-flash",
          "torch-sdpa-cudnn"]
 
 
@@ -145,8 +146,9 @@ def _jax_impl(name, causal, blocks):
     if ":" in name:
         base, blocks = _with_overrides(name, blocks)
         return _jax_impl(base, causal, blocks)
-    if name == "ours-mosaic-fwd":
-        return _jax_impl("ours", causal, dataclasses.replace(blocks, forward="mosaic"))
+    if name in ("ours-mosaic-fwd", "ours-triton-fwd"):
+        forward = name.removeprefix("ours-").removesuffix("-fwd")
+        return _jax_impl("ours", causal, dataclasses.replace(blocks, forward=forward))
     if name == "ours-dkv-group-loop":
         return _jax_impl("ours", causal, dataclasses.replace(blocks, dkv_per_query_head=False))
     if name == "ours":

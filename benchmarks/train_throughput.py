@@ -163,7 +163,8 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=knobs.ce == "fused",
                             ce_chunk_tokens=knobs.ce_chunk,
                             scan_unroll=knobs.scan_unroll,
-                            remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None)
+                            remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None,
+                            packed=False)  # one sequence per row, as the trainer with sample_packing: false
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
     return JaxtuneStep(cfg, mesh, rules, make_params, shardings, mask, tx, state_sh, batch_sh, settings,

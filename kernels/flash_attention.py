@@ -83,15 +83,23 @@ class BlockSizes:
     num_warps_dq: int = 8
     num_stages_dq: int = 3
     dkv_per_query_head: bool = True
-    # "triton" (Pallas on Triton, every feature) or "mosaic": the Hopper forward in
-    # flash_attention_mosaic.py (opt-in: its first version was slower than Triton on an H200, the
-    # FlashAttention-3-style rewrite is unmeasured; no segment ids, windows or offsets, lengths a
-    # multiple of the tiles and of 128). The backward is Triton either way.
-    forward: str = "triton"
+    # Grid order of the two backward kernels: heads along the fastest axis (the programs in flight
+    # work on the same query/key block of neighbouring heads: equal work under a causal mask, the
+    # same K/V with GQA) rather than blocks. On an H200 fwd+bwd went 1.014 -> 0.949 ms at the 1B
+    # shape and 1.382 -> 1.343 ms at the 8B one, within ±0.6% at B4 S4096 (RESULTS.md, fifth session).
+    bwd_heads_fastest: bool = True
+    # The same for the Triton forward (packed rows, ring attention); not yet measured, so off.
+    fwd_heads_fastest: bool = False
+    # The forward kernel: "triton" (Pallas on Triton, every feature), "mosaic" (the Hopper forward
+    # in flash_attention_mosaic.py: 0.96-0.97 ms against Triton's 1.38 and cuDNN's 1.02 at B4 S4096
+    # H32 D128 causal on an H200; no segment ids, windows or offsets, lengths a multiple of 128,
+    # head_dim 64 or 128, 16-bit) or "auto": Mosaic on a Hopper GPU where the call fits it, Triton
+    # otherwise (and always in interpret mode). The backward is Triton either way.
+    forward: str = "auto"
 
     def __post_init__(self):
-        if self.forward not in ("triton", "mosaic"):
-            raise ValueError(f"BlockSizes.forward={self.forward!r} must be 'triton' or 'mosaic'")
+        if self.forward not in ("auto", "triton", "mosaic"):
+            raise ValueError(f"BlockSizes.forward={self.forward!r} must be 'auto', 'triton' or 'mosaic'")
         for name in (
             "block_q",
             "block_kv",
@@ -311,9 +319,10 @@ def _fwd_kernel(
     flags,
     num_q_blocks,
     reverse,
+    block_axis,
 ):
     # Causal programs are issued heaviest first (reversed query blocks) to shorten the tail.
-    i = num_q_blocks - 1 - pl.program_id(0) if reverse else pl.program_id(0)
+    i = num_q_blocks - 1 - pl.program_id(block_axis) if reverse else pl.program_id(block_axis)
     bd = _read_bounds(bounds_ref)
     q = q_ref[...]
     q_seg = qseg_ref[...] if flags.segmented else None
@@ -372,8 +381,9 @@ def _dkv_kernel(
     block_kv,
     flags,
     group,
+    block_axis,
 ):
-    j = pl.program_id(0)
+    j = pl.program_id(block_axis)
     bd = _read_bounds(bounds_ref)
     k = k_ref[...]
     v = v_ref[...]
@@ -436,8 +446,9 @@ def _dq_kernel(
     flags,
     num_q_blocks,
     reverse,
+    block_axis,
 ):
-    i = num_q_blocks - 1 - pl.program_id(0) if reverse else pl.program_id(0)
+    i = num_q_blocks - 1 - pl.program_id(block_axis) if reverse else pl.program_id(block_axis)
     bd = _read_bounds(bounds_ref)
     q = q_ref[...]
     do = do_ref[...]
@@ -565,6 +576,23 @@ def _params(num_warps, num_stages):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _ordered(heads_fastest: bool, grid, in_specs, out_specs) -> dict:
+    """pallas_call's grid and specs, written for a (blocks, heads, batch) grid; with
+    `heads_fastest` the grid runs (heads, blocks, batch) and each index map is called with its
+    arguments put back in the written order."""
+    if not heads_fastest:
+        return dict(grid=grid, in_specs=in_specs, out_specs=out_specs)
+
+    def swap(spec):
+        if spec is None:
+            return None
+        f = spec.index_map
+        return dataclasses.replace(spec, index_map=lambda hh, i, bb: f(i, hh, bb))
+
+    outs = [swap(o) for o in out_specs] if isinstance(out_specs, list) else swap(out_specs)
+    return dict(grid=(grid[1], grid[0], grid[2]), in_specs=[swap(x) for x in in_specs], out_specs=outs)
+
+
 def _bounds_spec(index_map):
     return pl.BlockSpec((None, None, _BOUNDS_COLS), index_map)
 
@@ -575,11 +603,11 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
     `pos` = int32 [q_offset - kv_offset, window]. Query blocks run along the grid's fastest axis,
     so the programs in flight share their head's K/V in L2.
     """
-    if st.blocks.forward == "mosaic":  # the caller (_flash_attention) checked the case fits it
+    if st.blocks.forward == "mosaic":  # flash_attention resolved "auto" and checked the case fits
         from jaxtune.kernels.flash_attention_mosaic import mosaic_forward
 
         return mosaic_forward(q, k, v, causal=st.flags.causal, scale_log2=st.sm_scale * _LOG2E,
-                              block_kv=st.blocks.block_kv, stages=2, interpret=st.interpret)
+                              interpret=st.interpret)
     b, sq, h, d = q.shape
     _, skv, kh, _ = k.shape
     group = h // kh
@@ -623,13 +651,12 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
             flags=st.flags,
             num_q_blocks=nq,
             reverse=reverse,
+            block_axis=int(st.blocks.fwd_heads_fastest),
         ),
-        grid=(nq, h, b),
-        in_specs=in_specs,
-        out_specs=[
+        **_ordered(st.blocks.fwd_heads_fastest, (nq, h, b), in_specs, [
             pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, qi(i), hh, 0)),
             pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, qi(i))),
-        ],
+        ]),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
@@ -708,10 +735,9 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
             block_kv=bk,
             flags=st.flags,
             group=g_in,
+            block_axis=int(st.blocks.bwd_heads_fastest),
         ),
-        grid=(skv // bk, heads, b),
-        in_specs=in_specs,
-        out_specs=[outblk, outblk],
+        **_ordered(st.blocks.bwd_heads_fastest, (skv // bk, heads, b), in_specs, [outblk, outblk]),
         out_shape=[out_shape, out_shape],
         compiler_params=_params(st.blocks.num_warps_dkv, st.blocks.num_stages_dkv),
         interpret=st.interpret,
@@ -785,10 +811,9 @@ def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
             flags=st.flags,
             num_q_blocks=nq,
             reverse=reverse,
+            block_axis=int(st.blocks.bwd_heads_fastest),
         ),
-        grid=(nq, h, b),
-        in_specs=in_specs,
-        out_specs=qblk,
+        **_ordered(st.blocks.bwd_heads_fastest, (nq, h, b), in_specs, qblk),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(st.blocks.num_warps_dq, st.blocks.num_stages_dq),
         interpret=st.interpret,
@@ -890,12 +915,12 @@ def _tiled_shape(block_sizes, q, k):
     return blocks, pl.cdiv(sq, mult_q) * mult_q, pl.cdiv(skv, mult_kv) * mult_kv, max(_MIN_BLOCK, pl.next_power_of_2(d))
 
 
-def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes):
-    """What the Mosaic forward cannot do yet, named, instead of a wrong answer. Runs before the
-    jitted `_flash_attention`, where the offsets would be traced values."""
-    from jaxtune.kernels.flash_attention_mosaic import TILE_Q  # query rows per Mosaic program
+def _mosaic_problems(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes) -> list[str]:
+    """What the Mosaic forward cannot do (yet) for this call, named; empty when it fits. Runs
+    before the jitted `_flash_attention`, where the offsets would be traced values."""
+    from jaxtune.kernels.flash_attention_mosaic import TILE_Q  # query rows (and keys) per step
 
-    _, sq_p, skv_p, d_p = _tiled_shape(block_sizes, q, k)
+    _, sq_p, skv_p, _ = _tiled_shape(block_sizes, q, k)
     problems = []
     if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset):
         problems.append("q/kv offsets (ring attention)")
@@ -906,13 +931,28 @@ def _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_o
     if q.shape[1] != k.shape[1] or (sq_p, skv_p) != (q.shape[1], k.shape[1]) or q.shape[1] % TILE_Q:
         problems.append(f"lengths {q.shape[1]}/{k.shape[1]} (equal multiples of the tiles and of "
                         f"{TILE_Q} are needed)")
-    if q.shape[3] != d_p or q.shape[3] not in (64, 128, 256):
-        problems.append(f"head_dim {q.shape[3]} (64, 128 or 256)")
+    if q.shape[3] not in (64, 128):  # 256 would need more than the SM's 227 KB of SMEM
+        problems.append(f"head_dim {q.shape[3]} (64 or 128)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         problems.append(f"dtype {q.dtype} (bf16/fp16)")
-    if problems:
+    return problems
+
+
+def _on_hopper() -> bool:
+    """Whether jax's default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _resolve_forward(blocks: BlockSizes, problems: list[str], *, hopper: bool) -> BlockSizes:
+    """`blocks` with `forward` decided: "auto" takes the Mosaic forward on a Hopper GPU where the
+    call fits it, Triton elsewhere; an explicit "mosaic" that does not fit is refused by name."""
+    if blocks.forward == "mosaic" and problems:
         raise NotImplementedError("BlockSizes(forward='mosaic') does not support " + ", ".join(problems)
-                                  + "; use forward='triton'")
+                                  + "; use forward='triton' (or 'auto')")
+    if blocks.forward == "auto":
+        return dataclasses.replace(blocks, forward="mosaic" if hopper and not problems else "triton")
+    return blocks
 
 
 def _pad_to(x, n, axis=1, value=0):
@@ -1028,8 +1068,10 @@ def flash_attention(
     _check(q, k, v, segment_ids, kv_segment_ids, sm_scale)
     if isinstance(window, int) and window <= 0:
         window = None  # static "no window": no mask arithmetic at all
-    if block_sizes is not None and block_sizes.forward == "mosaic":
-        _check_mosaic_case(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, block_sizes)
+    blocks = block_sizes or BlockSizes.get_default(q.shape[3], q.dtype)
+    if blocks.forward != "triton":
+        problems = _mosaic_problems(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, blocks)
+        blocks = _resolve_forward(blocks, problems, hopper=not interpret and _on_hopper())
     return _flash_attention(
         q,
         k,
@@ -1041,7 +1083,7 @@ def flash_attention(
         window,
         causal=causal,
         sm_scale=sm_scale,
-        block_sizes=block_sizes,
+        block_sizes=blocks,
         interpret=interpret,
         return_lse=return_lse,
     )

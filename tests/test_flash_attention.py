@@ -21,6 +21,8 @@ INTERPRET = jax.default_backend() == "cpu"
 SMALL = BlockSizes.tiles(32, 16)
 TALL = BlockSizes.tiles(16, 32)
 GROUP_LOOP = dataclasses.replace(SMALL, dkv_per_query_head=False)  # GQA dK/dV: one program loops over the group
+BLOCKS_FASTEST = dataclasses.replace(SMALL, bwd_heads_fastest=False)  # backward grids: blocks, not heads, fastest
+HEADS_FASTEST = dataclasses.replace(TALL, fwd_heads_fastest=True)  # forward grid too: heads fastest
 
 
 def rel_err(a, b):
@@ -82,9 +84,9 @@ SWEEP = {
     "mqa-full-d128": (2, 64, 64, 4, 1, 128, False, "none", 0, SMALL),
     # two long segments: most block pairs lie inside one segment and take the unmasked loop
     "causal-packed-long-segments-d128": (1, 96, 96, 2, 2, 128, True, "packed", 2, SMALL),
-    "causal-many-segments-tall-tiles": (2, 77, 77, 4, 2, 64, True, "packed", 12, TALL),
+    "causal-many-segments-tall-tiles-heads-fastest": (2, 77, 77, 4, 2, 64, True, "packed", 12, HEADS_FASTEST),
     "gqa3-full-unsorted-segments": (1, 33, 33, 6, 2, 64, False, "random", 3, SMALL),
-    "gqa4-causal": (1, 96, 96, 8, 2, 64, True, "none", 0, SMALL),
+    "gqa4-causal-backward-blocks-fastest": (1, 96, 96, 8, 2, 64, True, "none", 0, BLOCKS_FASTEST),
     "gqa4-causal-packed-dkv-group-loop": (2, 50, 50, 8, 2, 64, True, "packed", 4, GROUP_LOOP),
     "mqa-full-dkv-group-loop": (1, 40, 72, 4, 1, 32, False, "none", 0, GROUP_LOOP),
     "sq-ne-skv-d40": (2, 40, 72, 4, 2, 40, False, "none", 0, SMALL),

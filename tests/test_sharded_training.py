@@ -131,6 +131,14 @@ def test_pallas_attention_runs_per_shard_under_a_mesh():
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
+    # Unpacked rows (no segment ids at all) take the same per-shard path.
+    unmasked = jax.jit(lambda q, k, v: self_attention(q, k, v, None, backend="pallas"))
+    want_out = unmasked(q, k, v)
+    with activation_sharding(mesh, merged_rules()):
+        got_out = unmasked(*args[:3])
+    assert got_out.sharding.spec == x_sh.spec
+    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mesh_shape", [{"data": 4, "sequence": 2}, {"data": 2, "tensor": 4}])

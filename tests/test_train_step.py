@@ -163,3 +163,40 @@ def test_accumulating_4x2_equals_one_batch_of_8():
     # element by ~1e-6 after 3 steps, a thousandth of a step's update (lr 1e-2).
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params_a, params_b)
     assert losses_a[-1] < losses_a[0]
+
+
+@pytest.mark.parametrize("attention", ["pallas", "xla"])
+def test_unpacked_rows_need_no_attention_segment_mask(attention, monkeypatch):
+    """`StepSettings(packed=False)` (sample_packing: false) drops the attention's segment mask:
+    with one right-padded sequence per row no real token sees padding anyway, so loss and
+    gradients equal the masked step's (the padding's own outputs differ, but carry no loss).
+    Without the mask our flash kernel may take its Hopper forward, which has no segment ids."""
+    import jaxtune.train.step as step_module
+
+    seen, original = [], step_module.hidden_states
+
+    def recording_hidden_states(*args, segment_ids, **kwargs):
+        seen.append(segment_ids is None)
+        return original(*args, segment_ids=segment_ids, **kwargs)
+
+    monkeypatch.setattr(step_module, "hidden_states", recording_hidden_states)
+    params = init_params(CFG, jax.random.key(0))
+    rng = np.random.default_rng(3)
+    T, lengths = 24, (24, 17, 9)
+    ids = rng.integers(0, CFG.vocab_size, (len(lengths), T)).astype(np.int32)
+    seg = (np.arange(T)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    labels = np.where(seg == 1, ids, IGNORE).astype(np.int32)
+    micro = dict(input_ids=ids, labels=labels, segment_ids=seg,
+                 positions=np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape))
+    results = []
+    for packed in (True, False):
+        s = StepSettings(dtype=jnp.float32, attention=attention, packed=packed)
+        (loss, count), grads = jax.value_and_grad(lambda p: step_module.loss_terms(p, CFG, s, micro),
+                                                  has_aux=True)(params)
+        results.append((loss, count, grads))
+    assert seen == [False, True]  # the attention got segment ids only in the packed step
+    (loss_m, count_m, grads_m), (loss_u, count_u, grads_u) = results
+    assert int(count_m) == int(count_u) == sum(n - 1 for n in lengths)
+    np.testing.assert_allclose(loss_u, loss_m, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_m)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)

@@ -44,11 +44,17 @@ def xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_
     return out_btkgh.reshape(B, T, H, hd).astype(q_btnh.dtype)
 
 
-def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array,
+def self_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array | None,
                    *, window: jax.Array | int = 0, backend: str = "xla") -> jax.Array:
-    """Causal, segment-masked attention by the chosen backend. Returns `[B, T, H, hd]`."""
+    """Causal, segment-masked attention by the chosen backend. Returns `[B, T, H, hd]`.
+
+    `segment_ids_bt` None: one sequence per row (right padding included: no real token attends to
+    a later position), so no segment mask at all; our flash kernel then may take its Hopper
+    forward, which has none."""
     sm_scale = q_btnh.shape[-1] ** -0.5
     if backend == "xla":
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.ones(q_btnh.shape[:2], jnp.int32)
         return xla_attention(q_btnh, k_btkh, v_btkh, attention_mask(segment_ids_bt, window), sm_scale)
     if backend == "cudnn":
         # cuDNN's fused kernel knows causal masks, not segment ids: exact only for rows holding one
@@ -99,5 +105,6 @@ def _flash_per_shard(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, sm_scale):
         return attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)
     batch_axes, _, head_axes, _ = kv_spec
     x_spec = P(batch_axes, None, head_axes, None)
-    return jax.shard_map(attend, mesh=active_mesh(), in_specs=(x_spec, x_spec, x_spec, P(batch_axes, None), P()),
+    seg_spec = None if segment_ids_bt is None else P(batch_axes, None)
+    return jax.shard_map(attend, mesh=active_mesh(), in_specs=(x_spec, x_spec, x_spec, seg_spec, P()),
                          out_specs=x_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)

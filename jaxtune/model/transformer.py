@@ -117,14 +117,13 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
                   scan_unroll: int = 1) -> jax.Array:
     """Final normed hidden states `[B, T, D]` in `dtype` for token ids `[B, T]`.
 
-    `segment_ids` `[B, T]` int32 keeps packed sequences apart (default: one sequence per row);
+    `segment_ids` `[B, T]` int32 keeps packed sequences apart (None: one sequence per row, right
+    padding allowed; attention then runs without a segment mask);
     `positions` `[B, T]` are the RoPE positions (default: 0..T-1, restart per packed sequence
     is the data pipeline's job). `remat` names a policy in REMAT_POLICIES for the scanned layer;
     `scan_unroll` layers run per iteration of the layer loop (`lax.scan`'s unroll).
     """
     B, T = input_ids.shape
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     h_btd = constrain(jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype), RESIDUAL)

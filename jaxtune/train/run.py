@@ -129,7 +129,8 @@ def train(cfg: Config) -> RunResult:
         data.train.set_state(loader_state)
 
     settings = StepSettings(dtype=dtype, attention=_attention_backend(cfg, model_cfg, mesh.shape["sequence"]),
-                            remat=cfg.remat_policy, scan_unroll=1 if cfg.scan_layers else model_cfg.num_layers)
+                            remat=cfg.remat_policy, scan_unroll=1 if cfg.scan_layers else model_cfg.num_layers,
+                            packed=cfg.sample_packing)
     step_fn = make_train_step(model_cfg, tx, schedule, settings,
                               with_rng=lora.with_dropout_keys if setup.lora_cfg is not None else None)
     reporter = Reporter(out_dir, total_steps, start_step=start_step, use_tensorboard=cfg.use_tensorboard,

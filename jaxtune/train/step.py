@@ -30,11 +30,15 @@ class StepSettings:
     ce_chunk_tokens: int | None = None  # tokens per cross-entropy chunk per device (None: by vocab size)
     ce_fused: bool = True  # the loss's gradient taken chunk by chunk in the forward pass (loss.py)
     scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
+    # Rows may hold several sequences (sample_packing). False: one right-padded sequence per row,
+    # so attention needs no segment mask (the segment ids still shape the targets); on a Hopper GPU
+    # our flash kernel then runs its faster Mosaic forward.
+    packed: bool = True
 
 
 def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token losses, number of target tokens) for one micro-batch `[b, T]`."""
-    h_btd = hidden_states(params, cfg, micro["input_ids"], segment_ids=micro["segment_ids"],
+    h_btd = hidden_states(params, cfg, micro["input_ids"], segment_ids=micro["segment_ids"] if s.packed else None,
                           positions=micro["positions"], dtype=s.dtype, attention=s.attention, remat=s.remat,
                           scan_unroll=s.scan_unroll)
     # With context parallelism the batch arrives in zigzag order, where a token's neighbour in
