@@ -65,6 +65,7 @@ class JaxtuneKnobs:
     attention: str = "cudnn"
     ce: str = "fused"  # cross-entropy: "fused" (gradient in the forward pass) or "plain" (autodiff)
     ce_chunk: int | None = None  # tokens per cross-entropy chunk (None: the trainer's, by vocab size)
+    ce_logits: str = "float32"  # what the lm_head matmul writes in the cross-entropy
     remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
@@ -74,6 +75,7 @@ class JaxtuneKnobs:
         return (["--attention", self.attention, "--ce", self.ce]
                 + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
+                + (["--ce-logits", self.ce_logits] if self.ce_logits != "float32" else [])
                 + (["--remat", self.remat] if self.remat else []))
 
 
@@ -161,7 +163,7 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     elif jax.default_backend() == "cpu" and attention == "cudnn":
         attention = "xla"
     settings = StepSettings(dtype=jnp.bfloat16, attention=attention, ce_fused=knobs.ce == "fused",
-                            ce_chunk_tokens=knobs.ce_chunk,
+                            ce_chunk_tokens=knobs.ce_chunk, ce_logits_dtype=knobs.ce_logits,
                             scan_unroll=knobs.scan_unroll,
                             remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None,
                             packed=False)  # one sequence per row, as the trainer with sample_packing: false
@@ -419,6 +421,9 @@ def main() -> None:
                              "recomputed logits (plain)")
     parser.add_argument("--ce-chunk", type=int, default=None,
                         help="jaxtune's cross-entropy tokens per chunk (default: the trainer's, by vocab size)")
+    parser.add_argument("--ce-logits", default="float32", choices=["float32", "bfloat16"],
+                        help="jaxtune's cross-entropy: dtype the lm_head matmul writes its logits in "
+                             "(bfloat16 as transformers under autocast; the softmax math stays float32)")
     parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
                                                         "(default nothing_saveable)")
     parser.add_argument("--scan-unroll", type=int, default=1,
@@ -431,7 +436,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, remat=args.remat,
+    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits, remat=args.remat,
                          scan_unroll=args.scan_unroll)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:

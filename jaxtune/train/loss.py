@@ -40,7 +40,8 @@ def chunk_tokens_for_vocab(vocab_size: int) -> int:
 
 
 def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.Array,
-                      chunk_tokens: int | None = None, fused: bool = True) -> tuple[jax.Array, jax.Array]:
+                      chunk_tokens: int | None = None, fused: bool = True,
+                      logits_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of target tokens) over all non-IGNORE targets.
 
     `h_btd` are final hidden states, `lm_head_dv` the output projection; logits are accumulated
@@ -54,6 +55,10 @@ def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.A
 
     `fused`: under differentiation, each chunk's gradient is taken while its logits exist (see
     `_fused_loss`), instead of recomputing the logits in the backward pass.
+
+    `logits_dtype`: what the lm_head matmul writes (accumulating in float32 either way); the
+    softmax math is float32. bfloat16 halves the logits' memory traffic, at the rounding of
+    transformers under bf16 autocast (its lm_head returns bf16 logits, upcast for the loss).
     """
     B, T, D = h_btd.shape
     chunk_tokens = chunk_tokens or chunk_tokens_for_vocab(lm_head_dv.shape[-1])
@@ -67,14 +72,15 @@ def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.A
     # With the vocabulary split over devices (tensor parallel lm_head), picking the target's logit
     # by index would gather every logit; a masked sum over the vocab reduces in place instead.
     vocab_split = shard_counts(("act_embed", "act_vocab"), lm_head_dv.shape)[1] > 1
+    logits_dtype = jnp.dtype(logits_dtype)
     if fused:
-        return _fused_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
-    return _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
+        return _fused_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)
+    return _chunked_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)
 
 
-def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool):
+def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool, logits_dtype):
     """One chunk's float32 logits, their log-sum-exp, the target logits and the validity mask."""
-    logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=jnp.float32)
+    logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=logits_dtype).astype(jnp.float32)
     valid_bk = targets_bk != IGNORE
     safe_bk = jnp.where(valid_bk, targets_bk, 0)
     if vocab_split:
@@ -90,15 +96,15 @@ def _loss_and_count(lse_bk, target_logit_bk, valid_bk):
     return jnp.sum(jnp.where(valid_bk, lse_bk - target_logit_bk, 0.0)), jnp.sum(valid_bk, dtype=jnp.int32)
 
 
-def _chunk_terms(h_bkd, w_dv, targets_bk, vocab_split: bool):
-    _, lse_bk, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split)
+def _chunk_terms(h_bkd, w_dv, targets_bk, vocab_split: bool, logits_dtype):
+    _, lse_bk, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split, logits_dtype)
     return _loss_and_count(lse_bk, target_logit_bk, valid_bk)
 
 
-def _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
+def _chunked_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
     """The loss by a scan over chunks; differentiated by autodiff, the backward recomputes each
     chunk's logits (the body is rematerialised) instead of keeping all of them."""
-    chunk_terms = jax.checkpoint(lambda h, t: _chunk_terms(h, w_dv, t, vocab_split))
+    chunk_terms = jax.checkpoint(lambda h, t: _chunk_terms(h, w_dv, t, vocab_split, logits_dtype))
 
     def body(carry, xs):
         loss, count = chunk_terms(*xs)
@@ -108,8 +114,8 @@ def _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
     return loss_sum, count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
     """`_chunked_loss` whose gradient is computed in the forward pass, chunk by chunk.
 
     d(loss)/d(logits) = softmax - one_hot(target) is known as soon as a chunk's logits are, so
@@ -118,17 +124,18 @@ def _fused_loss(vocab_split, h_nbkd, w_dv, targets_nbk):
     the recomputation of every chunk's logits, one [tokens, D] × [D, vocab] matmul per step.
     Without differentiation (evaluation) only the loss is computed.
     """
-    return _chunked_loss(vocab_split, h_nbkd, w_dv, targets_nbk)
+    return _chunked_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)
 
 
-def _fused_loss_fwd(vocab_split, h_nbkd, w_dv, targets_nbk):
+def _fused_loss_fwd(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
     want_dw = w_dv.perturbed  # symbolic zeros: a frozen lm_head (LoRA) gets no dW matmul
     h_nbkd, w_dv, targets_nbk = h_nbkd.value, w_dv.value, targets_nbk.value
 
     def body(carry, xs):
         loss, count, dw_dv = carry
         h_bkd, targets_bk = xs
-        logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split)
+        logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split,
+                                                                                   logits_dtype)
         probs_bkv = jnp.exp(logits_bkv - lse_bk[..., None])
         vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
         dlogits_bkv = jnp.where(valid_bk[..., None], probs_bkv - (vocab_v == safe_bk[..., None]), 0.0)
@@ -144,7 +151,7 @@ def _fused_loss_fwd(vocab_split, h_nbkd, w_dv, targets_nbk):
     return (loss_sum, count), (dh_nbkd, dw_dv)
 
 
-def _fused_loss_bwd(vocab_split, residuals, cotangents):
+def _fused_loss_bwd(vocab_split, logits_dtype, residuals, cotangents):
     dh_nbkd, dw_dv = residuals
     g = cotangents[0]  # of loss_sum; the count has none
     dh = (dh_nbkd * g).astype(dh_nbkd.dtype)

@@ -29,6 +29,7 @@ class StepSettings:
     remat: str | None = None  # a name in jaxtune.model.transformer.REMAT_POLICIES
     ce_chunk_tokens: int | None = None  # tokens per cross-entropy chunk per device (None: by vocab size)
     ce_fused: bool = True  # the loss's gradient taken chunk by chunk in the forward pass (loss.py)
+    ce_logits_dtype: str = "float32"  # what the lm_head matmul writes ("bfloat16": as HF under autocast)
     scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
     # Rows may hold several sequences (sample_packing). False: one right-padded sequence per row,
     # so attention needs no segment mask (the segment ids still shape the targets); on a Hopper GPU
@@ -44,7 +45,8 @@ def loss_terms(params, cfg: ModelConfig, s: StepSettings, micro: dict) -> tuple[
     # With context parallelism the batch arrives in zigzag order, where a token's neighbour in
     # memory is not its successor: the data path then supplies targets computed beforehand.
     targets_bt = micro["targets"] if "targets" in micro else next_token_targets(micro["labels"], micro["segment_ids"])
-    return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens, s.ce_fused)
+    return cross_entropy_sum(h_btd, lm_head_kernel(params, cfg), targets_bt, s.ce_chunk_tokens, s.ce_fused,
+                             logits_dtype=s.ce_logits_dtype)
 
 
 def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
