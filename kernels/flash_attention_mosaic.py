@@ -63,7 +63,8 @@ def mosaic_forward(q, k, v, *, causal: bool, scale_log2: float, block_kv: int = 
     dtype = q.dtype
     tf_d = _smem_transforms(dtype, d)
 
-    def jaxtune_flash_fwd_mosaic(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem2, lse_smem2, q_barriers, turn, *p_smem_interpreted):
+    def jaxtune_flash_fwd_mosaic(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem2, lse_smem2, q_barriers, turn,
+                                 *p_smem_interpreted):
         qi, hi, bi = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         if causal:  # heaviest query tiles first, to shorten the tail
             qi = s // TILE_Q - 1 - qi
@@ -71,10 +72,9 @@ def mosaic_forward(q, k, v, *, causal: bool, scale_log2: float, block_kv: int = 
         row0 = qi * TILE_Q + wg * BLOCK_Q  # this consumer's first query row
 
         def take_turns():
-            # Both consumers meet here (a 2-arrival barrier); placed between the matmuls and the
-            # softmax of each step, it staggers them by half a step, so that one warpgroup's
-            # softmax runs while the other's wgmma's hold the tensor cores (FlashAttention-3's
-            # "ping-pong" schedule). It orders work and changes no value. Mosaic GPU's interpreter
+            # Both consumers meet here (a 2-arrival barrier), twice a step: while Q·Kᵀ runs and
+            # before P·V. Starting half a step apart, one warpgroup's softmax then runs while the
+            # other's wgmma's hold the tensor cores (FlashAttention-3's "ping-pong" schedule). It orders work and changes no value. Mosaic GPU's interpreter
             # (jax 0.11.2) hung on a second run of a jitted forward+backward with it (forward-only
             # repeats ran), so interpret mode leaves the consumers unsynchronised.
             if interpret:
@@ -182,8 +182,8 @@ def mosaic_forward(q, k, v, *, causal: bool, scale_log2: float, block_kv: int = 
         n_steps = (qi * TILE_Q + TILE_Q + block_kv - 1) // block_kv if causal else nkv
         kv_spec = plgpu.BlockSpec((block_kv, d), lambda j: (j, 0), transforms=tf_d)
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            kv_step_interpreted if interpret else kv_step, grid=(n_steps,), memory_registers=40, in_specs=[kv_spec, kv_spec],
-            max_concurrent_steps=stages, num_compute_wgs=2, wg_axis="wg",
+            kv_step_interpreted if interpret else kv_step, grid=(n_steps,), memory_registers=40,
+            in_specs=[kv_spec, kv_spec], max_concurrent_steps=stages, num_compute_wgs=2, wg_axis="wg",
             manual_consumed_barriers=True, compute_context=consumer)
         pipeline(k_gmem.at[bi, :, hi // group, :], v_gmem.at[bi, :, hi // group, :])
 
