@@ -436,8 +436,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits, remat=args.remat,
-                         scan_unroll=args.scan_unroll)
+    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
+                         remat=args.remat, scan_unroll=args.scan_unroll)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]

@@ -601,7 +601,8 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
     """out [B, Sq, H, D] and base-2 lse [B, H, Sq]: one program per (query block, head, batch).
 
     `pos` = int32 [q_offset - kv_offset, window]. Query blocks run along the grid's fastest axis,
-    so the programs in flight share their head's K/V in L2.
+    so the programs in flight share their head's K/V in L2 (`BlockSizes.fwd_heads_fastest`: heads
+    instead, as the Mosaic forward and the backward kernels do).
     """
     if st.blocks.forward == "mosaic":  # flash_attention resolved "auto" and checked the case fits
         from jaxtune.kernels.flash_attention_mosaic import mosaic_forward
