@@ -126,6 +126,7 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     from jaxtune import lora, quant
     from jaxtune.mesh import make_mesh
     from jaxtune.model.config import ModelConfig
+    from jaxtune.model.layer_list import split_layer_shardings
     from jaxtune.model.params import init_params
     from jaxtune.sharding import merged_rules, tree_shardings
     from jaxtune.train.optimizer import OptimizerSettings, make_optimizer
@@ -167,6 +168,8 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
                             scan_unroll=knobs.scan_unroll,
                             remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None,
                             packed=False)  # one sequence per row, as the trainer with sample_packing: false
+    if knobs.scan_unroll >= cfg.num_layers:  # as the trainer with scan_layers: false
+        frozen_sh = split_layer_shardings(frozen_sh, cfg.num_layers)
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
     return JaxtuneStep(cfg, mesh, rules, make_params, shardings, mask, tx, state_sh, batch_sh, settings,
@@ -216,6 +219,7 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
     import numpy as np
 
     from jaxtune.kernels.ring_attention import zigzag_permutation
+    from jaxtune.model.layer_list import split_layers
     from jaxtune.train.loss import next_token_targets
     from jaxtune.train.placement import create_state
     from jaxtune.train.state import partition
@@ -228,6 +232,8 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
         params = jax.jit(plan.make_params, out_shardings=plan.shardings)(jax.random.key(0))
     trainable, frozen = partition(params, plan.mask)
     del params
+    if plan.settings.scan_unroll >= plan.model_cfg.num_layers:  # as the trainer with scan_layers: false
+        frozen = split_layers(frozen, donate=True)
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
     state = create_state(trainable, plan.tx, jax.random.key(2), plan.state_sh)
     del trainable
@@ -279,6 +285,7 @@ def compile_ahead_of_time(case: Case, shape: dict, steps: int, mesh_sizes: dict 
     import jax
     import jax.numpy as jnp
 
+    from jaxtune.model.layer_list import split_layers
     from jaxtune.train.state import init_state, partition
 
     plan = plan_jaxtune(case, shape, steps, dict(mesh_sizes or {}), knobs)
@@ -289,7 +296,10 @@ def compile_ahead_of_time(case: Case, shape: dict, steps: int, mesh_sizes: dict 
     batch = {n: jax.ShapeDtypeStruct((1, plan.rows, case.seq), jnp.int32, sharding=plan.batch_sh)
              for n in batch_names(plan)}
     start = time.perf_counter()
-    compiled = plan.compile(state, placed(frozen, frozen_sh), batch)
+    frozen = placed(frozen, frozen_sh)
+    if plan.settings.scan_unroll >= plan.model_cfg.num_layers:
+        frozen = split_layers(frozen)
+    compiled = plan.compile(state, frozen, batch)
     memory = step_bytes(compiled)
     collectives = collections.Counter(re.findall(
         r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", compiled.as_text()))

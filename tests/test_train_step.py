@@ -136,8 +136,10 @@ def test_unrolled_layers_compute_the_scanned_gradients(remat):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 16)), jnp.int32)
     grads = [jax.grad(lambda p, u=unroll: jnp.sum(hidden_states(p, CFG, ids, remat=remat, scan_unroll=u) ** 2))(params)
              for unroll in (1, CFG.num_layers)]
+    # Same math; XLA fuses the unrolled program differently, so float32 rounding differs (the
+    # scanned step jitted and run eagerly differ by 4e-5 too).
     for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
-        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
 
 
 def run_steps(accum: int, micro: int, steps: int = 3):
@@ -200,6 +202,34 @@ def test_unpacked_rows_need_no_attention_segment_mask(attention, monkeypatch):
     np.testing.assert_allclose(loss_u, loss_m, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads_u), jax.tree.leaves(grads_m)):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("windows", [None, (0, 0), (5, 0)])
+def test_flash_kernel_sees_a_static_window_unless_a_layer_has_one(windows, monkeypatch):
+    """The layer loop scans a per-layer window array; for a model without sliding windows the
+    kernel must get a static 0 instead of that traced value, or it keeps window masks and cannot
+    take its Hopper forward (the 8B training step ran the Triton forward for that reason)."""
+    import dataclasses
+
+    import jaxtune.kernels.flash_attention as flash_module
+    from jaxtune.model.transformer import hidden_states
+
+    seen, original = [], flash_module.flash_attention
+
+    def recording_flash_attention(*args, window=None, **kwargs):
+        seen.append(window)
+        return original(*args, window=window, **kwargs)
+
+    monkeypatch.setattr(flash_module, "flash_attention", recording_flash_attention)
+    cfg = dataclasses.replace(CFG, sliding_windows=windows)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jnp.zeros((1, 16), jnp.int32)
+    jax.eval_shape(lambda p: hidden_states(p, cfg, ids, attention="pallas"), params)
+    assert seen, "the pallas backend did not call our flash kernel"
+    if windows is not None and any(windows):
+        assert all(isinstance(w, jax.core.Tracer) for w in seen)
+    else:
+        assert seen == [0] * len(seen)
 
 
 def test_bf16_logits_cross_entropy_writes_bf16_logits_and_stays_close():

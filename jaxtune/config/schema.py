@@ -37,8 +37,8 @@ OPTIMIZERS = {
 EIGHT_BIT_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Names of `jax.checkpoint_policies`: what each scanned layer keeps for the backward pass.
-REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "save_attention", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "save_attention", "save_attention_block",
+                  "dots_saveable", "dots_with_no_batch_dims_saveable")
 DEFAULT_DATASET_PREPARED_PATH = "last_run_prepared"  # Axolotl's default
 
 
@@ -205,8 +205,8 @@ class Config:
         None, help="jax.checkpoint_policies name per layer (default from gradient_checkpointing)")
     scan_layers: bool = _help(
         True, help="run the layers as one loop, compile time independent of depth (DESIGN.md invariant 1); "
-                   "false unrolls them: faster steps without gradient checkpointing, compile time grows "
-                   "with depth")
+                   "false unrolls them, each layer reading its own frozen weights: faster steps, compile "
+                   "time grows with depth")
     attention: Literal["auto", "pallas", "cudnn", "xla"] = _help("auto", help="attention backend")
 
     # --- parallelism

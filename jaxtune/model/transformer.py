@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.model.attention import self_attention
 from jaxtune.model.config import ModelConfig
+from jaxtune.model.layer_list import has_split_layers, per_layer
 from jaxtune.model.linear import dense, linear
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
@@ -34,9 +35,13 @@ ATTENTION_RESIDUALS = ("attention_q", "attention_k", "attention_v", "attention_o
 # "save_attention" keeps the attention residuals above (≈ 2.5 GiB at Llama-3-8B, 4096 tokens):
 # with the Pallas kernel the backward then recomputes neither the attention forward nor the q/k/v
 # projections (frozen bases need no inputs for their backward), only norms, o_proj and the MLP.
+# "save_attention_block" also keeps the residual stream after the attention block (one [B, T, D]
+# array more per layer, 1 GiB at 8B): the backward then skips o_proj too.
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS),
+    "save_attention_block": jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS,
+                                                                            "attention_block_out"),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -101,7 +106,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     v_btkh = checkpoint_name(constrain(v_btkh, KV_HEADS), "attention_v")
     o_btnh, attend_state = attend(q_btnh, k_btkh, v_btkh, window, attend_state)
     h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
-    h_btd = constrain(h_btd, RESIDUAL)
+    h_btd = checkpoint_name(constrain(h_btd, RESIDUAL), "attention_block_out")
 
     x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
@@ -121,7 +126,9 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
     padding allowed; attention then runs without a segment mask);
     `positions` `[B, T]` are the RoPE positions (default: 0..T-1, restart per packed sequence
     is the data pipeline's job). `remat` names a policy in REMAT_POLICIES for the scanned layer;
-    `scan_unroll` layers run per iteration of the layer loop (`lax.scan`'s unroll).
+    `scan_unroll` layers run per iteration of the layer loop (`lax.scan`'s unroll); the number of
+    layers (or more) means no loop, and then `params["layers"]` may hold frozen leaves already split
+    per layer (`jaxtune.model.layer_list.split_layers`).
     """
     B, T = input_ids.shape
     if positions is None:
@@ -136,8 +143,13 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
             raise ValueError(f"ring attention needs one sliding window for all layers, got {sorted(windows)}")
         static_window = windows.pop()
 
+    # Without sliding windows the window is a static 0, not the scanned per-layer value: a traced
+    # window makes our flash kernels carry window masks and rules out the Hopper forward.
     def attend(q_btnh, k_btkh, v_btkh, window, _):
-        window = static_window if attention == "ring" else window
+        if attention == "ring":
+            window = static_window
+        elif not cfg.has_sliding_window:
+            window = 0
         return self_attention(q_btnh, k_btkh, v_btkh, segment_ids, window=window, backend=attention), None
 
     def body(h, layer_and_window):
@@ -151,10 +163,18 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
                              f"{', '.join(REMAT_POLICIES)}")
         # Inside a rolled scan XLA cannot merge the backward's recomputation with the forward, so
         # the CSE barriers are only needed when layers are unrolled: without them XLA folded the
-        # recompute back into the forward (8B LoRA step: 38 GiB instead of the loop's 20). Even with
-        # them the unrolled step took 33 GiB on an H200, so with remat the loop is the better choice.
+        # recompute back into the forward (8B LoRA step: 38 GiB instead of the loop's 20). Unrolled,
+        # frozen weights should come split per layer (layer_list.py), or each layer's weight copy
+        # lives from its forward to its backward (33 GiB instead of 20).
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=scan_unroll > 1)
-    h_btd, _ = jax.lax.scan(body, h_btd, (params["layers"], windows_l), unroll=scan_unroll)
+    if scan_unroll >= cfg.num_layers:  # no loop: each layer's params as their own arrays
+        for i, layer in enumerate(per_layer(params["layers"], cfg.num_layers)):
+            h_btd, _ = body(h_btd, (layer, windows_l[i]))
+    elif has_split_layers(params):
+        raise ValueError("layer params split per layer (jaxtune.model.layer_list.split_layers) need "
+                         f"the unrolled layer loop: scan_unroll={scan_unroll} < {cfg.num_layers} layers")
+    else:
+        h_btd, _ = jax.lax.scan(body, h_btd, (params["layers"], windows_l), unroll=scan_unroll)
     return rms_norm(h_btd, params["norm"]["scale"], cfg.rms_norm_eps)
 
 

@@ -26,6 +26,7 @@ from jaxtune.converters.peft import export_peft
 from jaxtune.errors import CheckpointError, JaxtuneError
 from jaxtune.mesh import make_mesh
 from jaxtune.model.config import ModelConfig
+from jaxtune.model.layer_list import split_layer_shardings, split_layers
 from jaxtune.sharding import activation_sharding, merged_rules
 from jaxtune.train import distributed
 from jaxtune.train.batches import TrainData, prepare_data
@@ -114,6 +115,9 @@ def train(cfg: Config) -> RunResult:
 
     tx, schedule = make_optimizer(optimizer_settings(cfg, total_steps), total_steps)
     trainable_sh, frozen_sh = partition(setup.shardings, setup.mask)
+    if not cfg.scan_layers:  # unrolled, each layer reads its own frozen arrays: no per-layer copies
+        frozen = split_layers(frozen, donate=True)
+        frozen_sh = split_layer_shardings(frozen_sh, model_cfg.num_layers)
     state_sh = state_shardings(trainable_sh, tx, jax.eval_shape(lambda t: t, trainable), mesh)
     batch_sh = batch_sharding(mesh, rules)
     state = create_state(trainable, tx, jax.random.key(cfg.seed), state_sh)
