@@ -106,6 +106,7 @@ class JaxtuneStep:
     settings: object
     rows: int  # global rows per step
     step: object  # jitted train_step(state, frozen, batch)
+    split_frozen: bool  # frozen layer params come split per layer (unrolled, as scan_layers: false)
 
     def compile(self, state, frozen, batch):
         from jaxtune.sharding import activation_sharding
@@ -168,12 +169,13 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
                             scan_unroll=knobs.scan_unroll,
                             remat=(knobs.remat or "nothing_saveable") if case.checkpointing else None,
                             packed=False)  # one sequence per row, as the trainer with sample_packing: false
-    if knobs.scan_unroll >= cfg.num_layers:  # as the trainer with scan_layers: false
+    split_frozen = knobs.scan_unroll >= cfg.num_layers  # as the trainer with scan_layers: false
+    if split_frozen:
         frozen_sh = split_layer_shardings(frozen_sh, cfg.num_layers)
     step = jax.jit(make_train_step(cfg, tx, schedule, settings), in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
     return JaxtuneStep(cfg, mesh, rules, make_params, shardings, mask, tx, state_sh, batch_sh, settings,
-                       case.batch * mesh.shape["data"] * mesh.shape["fsdp"], step)
+                       case.batch * mesh.shape["data"] * mesh.shape["fsdp"], step, split_frozen)
 
 
 def quantized_random_params(cfg, key, qcfg):
@@ -232,7 +234,7 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
         params = jax.jit(plan.make_params, out_shardings=plan.shardings)(jax.random.key(0))
     trainable, frozen = partition(params, plan.mask)
     del params
-    if plan.settings.scan_unroll >= plan.model_cfg.num_layers:  # as the trainer with scan_layers: false
+    if plan.split_frozen:
         frozen = split_layers(frozen, donate=True)
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
     state = create_state(trainable, plan.tx, jax.random.key(2), plan.state_sh)
@@ -297,7 +299,7 @@ def compile_ahead_of_time(case: Case, shape: dict, steps: int, mesh_sizes: dict 
              for n in batch_names(plan)}
     start = time.perf_counter()
     frozen = placed(frozen, frozen_sh)
-    if plan.settings.scan_unroll >= plan.model_cfg.num_layers:
+    if plan.split_frozen:
         frozen = split_layers(frozen)
     compiled = plan.compile(state, frozen, batch)
     memory = step_bytes(compiled)

@@ -55,7 +55,6 @@ def split_layers(params: dict, *, donate: bool = False) -> dict:
         split.append(_split_leaf(leaf))
         if donate and isinstance(leaf, jax.Array):
             leaf.delete()
-    del leaves
     return {**params, "layers": jax.tree.unflatten(treedef, split)}
 
 
