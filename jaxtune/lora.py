@@ -52,6 +52,7 @@ from jaxtune.model.config import ModelConfig
 from jaxtune.model.linear import dense, register_linear
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
+from jaxtune.lora_fused_product import fused_lora_product, pays_off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +161,12 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
     if w.magnitude is None:
         # s is folded into B (an [r, out] multiply), and every product is written in `dtype`
         # (accumulated in float32), as PEFT does in bf16: a float32 [B, T, out] result would cost
-        # a write and a read more, and XLA GPU folds a `dtype` addend into the base GEMM (cuBLAS
-        # beta = 1: H200 profiles show the addend copied into the output, the GEMM adding onto it).
-        lora_out = jnp.einsum(b_spec, xa, (w.scale * w.b).astype(dtype), preferred_element_type=dtype)
+        # a write and a read more. Widening projections (gate/up) with many tokens per step take both products
+        # as one matmul over [x | xa] (lora_fused_product.py): fewer passes over their wide output.
+        scaled_b = (w.scale * w.b).astype(dtype)
+        if pays_off(spec, x.shape, base_w.shape):
+            return fused_lora_product(spec, x, xa, base_w, scaled_b)
+        lora_out = jnp.einsum(b_spec, xa, scaled_b, preferred_element_type=dtype)
         return jnp.einsum(spec, x, base_w, preferred_element_type=dtype) + lora_out
     # DoRA, in float32. The norm needs W + s·AB, which exists only here, under stop_gradient.
     base_out = dense(x, base_w, spec, dtype)

@@ -110,6 +110,69 @@ def test_forward_and_backward_never_form_a_full_weight(params, name):
     assert not formed, f"a kernel-shaped {kernel} array is computed: {formed}"
 
 
+WIDE_CFG = ModelConfig(family="llama", vocab_size=61, hidden_size=8, intermediate_size=20, num_layers=2,
+                       num_heads=2, num_kv_heads=1, head_dim=4)
+
+
+def test_widening_projections_take_one_matmul_over_x_and_xa():
+    """gate/up (outputs ≥ 2× inputs, tokens ≥ 4× inputs) compute x@W + xa@sB as [x | xa] @ [W ; sB]
+    (lora_fused_product.py): the same values and gradients as the two products, with two matmuls
+    fewer (dy read once for dx and dxa; no separate adapter product) and none for the frozen W."""
+    from jaxtune.lora_fused_product import pays_off
+
+    params = randomize_adapters(lora.apply(init_params(WIDE_CFG, jax.random.key(0)), lora.LoraConfig(
+        r=3, alpha=6.0, target_modules=("gate_proj",)), WIDE_CFG, jax.random.key(1)))
+    leaf = layer_slice(traverse_util.flatten_dict(params)[PROJ["gate_proj"]], 0)
+    x = jax.random.normal(jax.random.key(2), (2, 16, 8))
+    assert pays_off("btd,df->btf", x.shape, leaf.base.shape)
+    assert not pays_off("btd,df->btf", (2, 15, 8), leaf.base.shape)  # 30 tokens < 4 × 8 inputs
+    assert not pays_off("btd,dnh->btnh", x.shape, (8, 2, 4)) and not pays_off("btf,fd->btd", (2, 99, 20), (20, 8))
+
+    def two_products(x, a, b):
+        return x @ leaf.base + (x @ a) @ (leaf.scale * b)
+
+    def ours(x, a, b):
+        return linear(x, leaf.replace(a=a, b=b), "btd,df->btf", jnp.float32)
+
+    def loss(fn):
+        return lambda x, a, b: jnp.sum(jnp.sin(fn(x, a, b)))
+
+    np.testing.assert_allclose(ours(x, leaf.a, leaf.b), two_products(x, leaf.a, leaf.b), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(x, leaf.a, leaf.b),
+                         jax.grad(loss(two_products), argnums=(0, 1, 2))(x, leaf.a, leaf.b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Forward: x@A and the one product; backward: [dx | dxa], dsB, dA and dx through A (no
+    # gradient for the frozen W). The two products take 8: x@A, xa@sB, x@W; dy@Wᵀ, dxa, dsB, dA, dx.
+    def dots(fn):
+        return str(jax.make_jaxpr(jax.grad(loss(fn), argnums=(0, 1, 2)))(x, leaf.a, leaf.b)).count("dot_general")
+
+    assert (dots(ours), dots(two_products)) == (6, 8)
+
+
+def test_fused_lora_product_shards_like_the_two_products():
+    """The whole model with gate/up on the fused product, sharded over data, fsdp and tensor (each
+    device still has 32 tokens ≥ 4 × 8 inputs), gives the unsharded logits and gradients."""
+    from jaxtune.lora_fused_product import pays_off
+
+    cfg = lora.LoraConfig(r=4, alpha=8.0, target_linear=True)
+    adapted = randomize_adapters(lora.apply(init_params(WIDE_CFG, jax.random.key(0)), cfg, WIDE_CFG,
+                                            jax.random.key(1)))
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, WIDE_CFG.vocab_size, size=(8, 16)))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = tree_shardings(lora.logical_axes(adapted, WIDE_CFG), adapted, mesh, merged_rules())
+
+    def loss(p):
+        return jnp.sum(forward(p, WIDE_CFG, batch) ** 2)
+
+    with activation_sharding(mesh, merged_rules()):
+        assert pays_off("btd,df->btf", (8, 16, 8), (8, 20))
+        sharded = jax.jit(jax.value_and_grad(loss))(jax.device_put(adapted, shardings))
+    plain = jax.jit(jax.value_and_grad(loss))(adapted)
+    np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
 def test_zero_b_leaves_the_model_unchanged(params):
     cfg = lora.LoraConfig(r=4, alpha=8.0, target_linear=True)
     adapted = lora.apply(params, cfg, CFG, jax.random.key(3))
