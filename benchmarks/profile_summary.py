@@ -1,12 +1,19 @@
 """Where a step's device time goes, from a `jax.profiler` trace: the top kernels by total time.
 
-    python benchmarks/profile_summary.py TRACE_DIR [--steps 3] [--top 30]
+    python benchmarks/profile_summary.py TRACE_DIR [--steps 3] [--top 30] [--hlo FILE]
 
 Reads the Perfetto trace (`*.trace.json.gz`) that `jax.profiler.trace(dir,
 create_perfetto_trace=True)` writes, keeps the events of the GPU streams (all events when there
 is no GPU), and sums their durations by kernel name. Prints ms per step, share of the summed
 device time, and calls per step; XLA names fusions after their roots (e.g. `loop_multiply_fusion`,
 `cutlass_gemm`, `input_reduce_fusion`), Pallas kernels after their Python function.
+
+With the step's optimized HLO (`--hlo`, or an `*after_optimizations.txt` under TRACE_DIR) it also
+sums time by what each kernel computes: its HLO instruction's result shape and the JAX operation
+it came from (e.g. `transpose(jvp(btd,df->btf))/dot_general`: the input gradient of the gate/up
+projections). Kernels name their HLO instruction only when XLA runs them outside command buffers
+(CUDA graphs): profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (train_throughput.py's
+`--profile` sets it, and dumps the HLO next to the trace).
 """
 
 from __future__ import annotations
@@ -50,9 +57,46 @@ def category(name: str) -> str:
     return "other"
 
 
-def summarize(trace_dir: str, steps: int = 1, top: int = 30) -> str:
+def hlo_instructions(hlo_text: str) -> dict[str, str]:
+    """Instruction name → the rest of its line, from an HLO module's text."""
+    lines = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+        if m:
+            lines.setdefault(m.group(1), m.group(2))
+    return lines
+
+
+def by_operation(events: list[dict], hlo_text: str, steps: int, top: int) -> str:
+    """Device time by (kernel, HLO result shape, JAX operation), heaviest first."""
+    instructions = hlo_instructions(hlo_text)
     totals, counts = collections.Counter(), collections.Counter()
-    for e in load_events(trace_dir):
+    for e in events:
+        op = e.get("args", {}).get("hlo_op")
+        if op is None:
+            continue
+        line = instructions.get(op, "")
+        name = re.search(r'op_name="([^"]*)"', line)
+        name = re.sub(r"jit\([^)]*\)/|while/body/|eval_jaxpr/", "", name.group(1)) if name else op
+        shape = re.sub(r"\{[^}]*\}|^\(|,$", "", line.split(" ")[0])[:48]  # a tuple's first element
+        key = (re.sub(r"[._]\d+$", "", e["name"])[:48], shape, name[-90:])
+        totals[key] += e["dur"]
+        counts[key] += 1
+    if not totals:
+        return "(no kernel names its HLO instruction: profile with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
+    lines = ["| ms/step | calls/step | µs/call | kernel | result | operation |", "| ---: | ---: | ---: | --- | --- | --- |"]
+    for (kernel, shape, name), us in totals.most_common(top):
+        n = counts[(kernel, shape, name)]
+        lines.append(f"| {us / 1e3 / steps:.2f} | {n / steps:.0f} | {us / n:.1f} | `{kernel}` | `{shape}` | `{name}` |")
+    return "\n".join(lines)
+
+
+def summarize(trace_dir: str, steps: int = 1, top: int = 30, hlo_path: str | None = None) -> str:
+    events = load_events(trace_dir)
+    hlo_path = hlo_path or next(iter(sorted(glob.glob(os.path.join(trace_dir, "**", "*after_optimizations.txt"),
+                                                      recursive=True))), None)
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
         name = re.sub(r"\.\d+$", "", e["name"])  # fusion.12 and fusion.13 are one kind of kernel
         totals[name] += e["dur"]
         counts[name] += 1
@@ -68,6 +112,9 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 30) -> str:
     lines += ["", "| kernel | ms/step | share | calls/step |", "| --- | ---: | ---: | ---: |"]
     for name, us in totals.most_common(top):
         lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / device_us:.1%} | {counts[name] / steps:.0f} |")
+    if hlo_path:
+        with open(hlo_path) as f:
+            lines += ["", by_operation(events, f.read(), steps, top)]
     return "\n".join(lines)
 
 
@@ -76,8 +123,9 @@ def main() -> None:
     parser.add_argument("trace_dir")
     parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (figures are per step)")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--hlo", default=None, help="the step's optimized HLO text (default: one under TRACE_DIR)")
     args = parser.parse_args()
-    print(summarize(args.trace_dir, args.steps, args.top))
+    print(summarize(args.trace_dir, args.steps, args.top, args.hlo))
 
 
 if __name__ == "__main__":

@@ -441,7 +441,8 @@ def main() -> None:
     parser.add_argument("--scan-unroll", type=int, default=1,
                         help="jaxtune: layers per iteration of the layer loop (the number of layers: unrolled, "
                              "as the trainer's scan_layers: false)")
-    parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels")
+    parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels "
+                        "and what they compute (HLO dumped there; command buffers off for the jaxtune side)")
     parser.add_argument("--aot", action="store_true",
                         help="jaxtune: only compile each mesh's step from abstract arrays and print its per-device "
                              "memory estimate and collectives (runs on CPU devices too)")
@@ -486,7 +487,12 @@ def main() -> None:
                            "--steps", str(args.steps)] + knobs.flags() + (
                         ["--profile", args.profile] if args.profile else []) + (["--aot"] if args.aot else []) + (
                         ["--tiny"] if args.tiny else []) + (["--batch", str(args.batch)] if args.batch else [])
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    env = dict(os.environ)
+                    if args.profile and side == "jaxtune":  # kernels named after their HLO ops, and the HLO
+                        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_gpu_enable_command_buffer=",
+                                                     f"--xla_dump_to={os.path.join(args.profile, f'{name}-{case.seq}-{mesh}', 'hlo')}",
+                                                     "--xla_dump_hlo_module_re=jit_train_step"])
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "device time"))))
                     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                     if proc.returncode != 0 or not lines:

@@ -96,3 +96,19 @@ def test_attention_impl_overrides_and_profile_kinds():
     assert kinds("input_reduce_fusion_1").startswith("reductions")
     assert kinds("loop_convert_fusion_16").startswith("elementwise")
     assert kinds("memcpy128") == "copies and slices"
+
+
+def test_profile_time_by_operation_from_the_hlo():
+    # Kernels that name their HLO instruction are summed by what it computes (shape, JAX op).
+    summary = _load("profile_summary")
+    hlo = ('  %custom-call.36 = (bf16[8192,8192]{1,0}, s8[0]{0}) custom-call(%a, %b), '
+           'metadata={op_name="jit(train_step)/while/body/eval_jaxpr/jvp(btd,df->btf)/dot_general"}\n'
+           '  ROOT %fusion.2 = f32[4,2048]{1,0} fusion(%c), kind=kInput, metadata={op_name="jit(train_step)/reduce_sum"}\n')
+    events = [dict(name="nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", dur=360.0, args=dict(hlo_op="custom-call.36")),
+              dict(name="nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", dur=364.0, args=dict(hlo_op="custom-call.36")),
+              dict(name="input_reduce_fusion_2", dur=30.0, args=dict(hlo_op="fusion.2")),
+              dict(name="command_buffer", dur=5.0, args={})]
+    rows = summary.by_operation(events, hlo, steps=2, top=5).splitlines()[2:]
+    assert rows[0] == ("| 0.36 | 1 | 362.0 | `nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT` | `bf16[8192,8192]` "
+                       "| `jvp(btd,df->btf)/dot_general` |")
+    assert rows[1].endswith("| `input_reduce_fusion` | `f32[4,2048]` | `reduce_sum` |") and len(rows) == 2
