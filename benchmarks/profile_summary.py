@@ -84,7 +84,8 @@ def by_operation(events: list[dict], hlo_text: str, steps: int, top: int) -> str
         counts[key] += 1
     if not totals:
         return "(no kernel names its HLO instruction: profile with XLA_FLAGS=--xla_gpu_enable_command_buffer=)"
-    lines = ["| ms/step | calls/step | µs/call | kernel | result | operation |", "| ---: | ---: | ---: | --- | --- | --- |"]
+    lines = ["| ms/step | calls/step | µs/call | kernel | result | operation |",
+             "| ---: | ---: | ---: | --- | --- | --- |"]
     for (kernel, shape, name), us in totals.most_common(top):
         n = counts[(kernel, shape, name)]
         lines.append(f"| {us / 1e3 / steps:.2f} | {n / steps:.0f} | {us / n:.1f} | `{kernel}` | `{shape}` | `{name}` |")

@@ -489,9 +489,9 @@ def main() -> None:
                         ["--tiny"] if args.tiny else []) + (["--batch", str(args.batch)] if args.batch else [])
                     env = dict(os.environ)
                     if args.profile and side == "jaxtune":  # kernels named after their HLO ops, and the HLO
+                        hlo_dir = os.path.join(args.profile, f"{name}-{case.seq}-{mesh}", "hlo")
                         env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_gpu_enable_command_buffer=",
-                                                     f"--xla_dump_to={os.path.join(args.profile, f'{name}-{case.seq}-{mesh}', 'hlo')}",
-                                                     "--xla_dump_hlo_module_re=jit_train_step"])
+                                                     f"--xla_dump_to={hlo_dir}", "--xla_dump_hlo_module_re=jit_train_step"])
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "device time"))))
                     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -161,8 +161,9 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
     if w.magnitude is None:
         # s is folded into B (an [r, out] multiply), and every product is written in `dtype`
         # (accumulated in float32), as PEFT does in bf16: a float32 [B, T, out] result would cost
-        # a write and a read more. Widening projections (gate/up) with many tokens per step take both products
-        # as one matmul over [x | xa] (lora_fused_product.py): fewer passes over their wide output.
+        # a write and a read more. Widening projections (gate/up) with many tokens per step take
+        # both products as one matmul over [x | xa] (lora_fused_product.py): fewer passes over
+        # their wide output.
         scaled_b = (w.scale * w.b).astype(dtype)
         if pays_off(spec, x.shape, base_w.shape):
             return fused_lora_product(spec, x, xa, base_w, scaled_b)

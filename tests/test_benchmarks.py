@@ -103,7 +103,8 @@ def test_profile_time_by_operation_from_the_hlo():
     summary = _load("profile_summary")
     hlo = ('  %custom-call.36 = (bf16[8192,8192]{1,0}, s8[0]{0}) custom-call(%a, %b), '
            'metadata={op_name="jit(train_step)/while/body/eval_jaxpr/jvp(btd,df->btf)/dot_general"}\n'
-           '  ROOT %fusion.2 = f32[4,2048]{1,0} fusion(%c), kind=kInput, metadata={op_name="jit(train_step)/reduce_sum"}\n')
+           '  ROOT %fusion.2 = f32[4,2048]{1,0} fusion(%c), kind=kInput, '
+           'metadata={op_name="jit(train_step)/reduce_sum"}\n')
     events = [dict(name="nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", dur=360.0, args=dict(hlo_op="custom-call.36")),
               dict(name="nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", dur=364.0, args=dict(hlo_op="custom-call.36")),
               dict(name="input_reduce_fusion_2", dur=30.0, args=dict(hlo_op="fusion.2")),
