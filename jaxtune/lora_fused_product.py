@@ -60,10 +60,15 @@ def fused_lora_product(spec: str, x: jax.Array, xa: jax.Array, w: jax.Array, sb:
     return _product(spec, x, xa, w, sb)
 
 
+def _augmented_kernel(w, sb):
+    """`[W ; sB]`: `[in + r, *out]`. Formed again in the backward rather than kept from the forward,
+    which would hold a copy of every fused kernel from each layer's forward to its backward."""
+    return jnp.concatenate([w, sb], axis=0)
+
+
 def _product(spec, x, xa, w, sb):
     x_aug = jnp.concatenate([x, xa], axis=-1)
-    w_aug = jnp.concatenate([w, sb], axis=0)
-    return jnp.einsum(spec, x_aug, w_aug, preferred_element_type=x.dtype)
+    return jnp.einsum(spec, x_aug, _augmented_kernel(w, sb), preferred_element_type=x.dtype)
 
 
 def _fwd(spec, x, xa, w, sb):
@@ -76,9 +81,8 @@ def _bwd(spec, residuals, dy):
     x, xa, w, sb, want_dw = residuals
     inputs, out_s = spec.split("->")
     x_s, w_s = inputs.split(",")
-    w_aug = jnp.concatenate([w, sb], axis=0)
     # [dx | dxa] in one matmul: dy is read once for both.
-    d_aug = jnp.einsum(f"{out_s},{w_s}->{x_s}", dy, w_aug, preferred_element_type=x.dtype)
+    d_aug = jnp.einsum(f"{out_s},{w_s}->{x_s}", dy, _augmented_kernel(w, sb), preferred_element_type=x.dtype)
     dx, dxa = d_aug[..., :x.shape[-1]], d_aug[..., x.shape[-1]:]
     lead = x_s[:-1]
     r = w_s[0]  # the contracted letter stands for the rank too: sB is [r, *out] like W is [in, *out]

@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from jaxtune import lora
 from jaxtune.errors import ConfigError
+from jaxtune.lora_fused_product import pays_off
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.linear import dense, linear
 from jaxtune.model.params import init_params, param_specs
@@ -118,8 +119,6 @@ def test_widening_projections_take_one_matmul_over_x_and_xa():
     """gate/up (outputs ≥ 2× inputs, tokens ≥ 4× inputs) compute x@W + xa@sB as [x | xa] @ [W ; sB]
     (lora_fused_product.py): the same values and gradients as the two products, with two matmuls
     fewer (dy read once for dx and dxa; no separate adapter product) and none for the frozen W."""
-    from jaxtune.lora_fused_product import pays_off
-
     params = randomize_adapters(lora.apply(init_params(WIDE_CFG, jax.random.key(0)), lora.LoraConfig(
         r=3, alpha=6.0, target_modules=("gate_proj",)), WIDE_CFG, jax.random.key(1)))
     leaf = layer_slice(traverse_util.flatten_dict(params)[PROJ["gate_proj"]], 0)
@@ -152,8 +151,6 @@ def test_widening_projections_take_one_matmul_over_x_and_xa():
 def test_fused_lora_product_shards_like_the_two_products():
     """The whole model with gate/up on the fused product, sharded over data, fsdp and tensor (each
     device still has 32 tokens ≥ 4 × 8 inputs), gives the unsharded logits and gradients."""
-    from jaxtune.lora_fused_product import pays_off
-
     cfg = lora.LoraConfig(r=4, alpha=8.0, target_linear=True)
     adapted = randomize_adapters(lora.apply(init_params(WIDE_CFG, jax.random.key(0)), cfg, WIDE_CFG,
                                             jax.random.key(1)))
