@@ -16,8 +16,7 @@ import numpy as np
 from jaxtune.model.attention import xla_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.rope import rope_cos_sin
-from jaxtune.model.norm_activation import rms_norm
-from jaxtune.model.transformer import RESIDUAL, decoder_layer, logits_from_hidden
+from jaxtune.model.transformer import decoder_layer, logits_from_hidden, rms_norm
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
@@ -55,7 +54,7 @@ def decode_step(params: dict, cfg: ModelConfig, ids_bt: jax.Array, cache: dict, 
 
     windows_l = jnp.asarray(cfg.sliding_windows or (0,) * cfg.num_layers, jnp.int32)
     h_btd, cache = jax.lax.scan(body, h_btd, (params["layers"], windows_l, cache))
-    h_btd = rms_norm(h_btd[:, -1:], params["norm"]["scale"], cfg.rms_norm_eps, RESIDUAL)
+    h_btd = rms_norm(h_btd[:, -1:], params["norm"]["scale"], cfg.rms_norm_eps)
     return logits_from_hidden(params, cfg, h_btd)[:, 0], cache
 
 
