@@ -65,7 +65,7 @@ class JaxtuneKnobs:
     attention: str = "cudnn"
     ce: str = "fused"  # cross-entropy: "fused" (gradient in the forward pass) or "plain" (autodiff)
     ce_chunk: int | None = None  # tokens per cross-entropy chunk (None: the trainer's, by vocab size)
-    ce_logits: str = "float32"  # what the lm_head matmul writes in the cross-entropy
+    ce_logits: str | None = None  # what the lm_head matmul writes in the cross-entropy (None: the trainer's)
     remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
@@ -75,7 +75,7 @@ class JaxtuneKnobs:
         return (["--attention", self.attention, "--ce", self.ce]
                 + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
-                + (["--ce-logits", self.ce_logits] if self.ce_logits != "float32" else [])
+                + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else []))
 
 
@@ -433,9 +433,10 @@ def main() -> None:
                              "recomputed logits (plain)")
     parser.add_argument("--ce-chunk", type=int, default=None,
                         help="jaxtune's cross-entropy tokens per chunk (default: the trainer's, by vocab size)")
-    parser.add_argument("--ce-logits", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--ce-logits", default=None, choices=["float32", "bfloat16"],
                         help="jaxtune's cross-entropy: dtype the lm_head matmul writes its logits in "
-                             "(bfloat16 as transformers under autocast; the softmax math stays float32)")
+                             "(default: the trainer's, the compute dtype as in transformers; the softmax "
+                             "math stays float32)")
     parser.add_argument("--remat", default=None, help="jaxtune's remat policy for the checkpointing cases "
                                                         "(default nothing_saveable)")
     parser.add_argument("--scan-unroll", type=int, default=1,

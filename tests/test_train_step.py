@@ -233,9 +233,9 @@ def test_flash_kernel_sees_a_static_window_unless_a_layer_has_one(windows, monke
 
 
 def test_bf16_logits_cross_entropy_writes_bf16_logits_and_stays_close():
-    """`logits_dtype=bfloat16`: the lm_head matmul writes bf16 logits (half the memory traffic of
-    the loss's biggest tensor), the softmax math stays float32; loss and gradient agree with the
-    float32-logits loss to bf16 rounding, fused or not."""
+    """`logits_dtype=bfloat16` (the default for bf16 hidden states): the lm_head matmul writes bf16
+    logits (half the memory traffic of the loss's biggest tensor), the softmax math stays float32;
+    loss and gradient agree with the float32-logits loss to bf16 rounding, fused or not."""
     keys = jax.random.split(jax.random.key(4), 3)
     h = jax.random.normal(keys[0], (2, 16, 32), jnp.bfloat16)
     w = (jax.random.normal(keys[1], (32, 61)) * 0.3).astype(jnp.bfloat16)
@@ -248,6 +248,7 @@ def test_bf16_logits_cross_entropy_writes_bf16_logits_and_stays_close():
             return str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(h, dtype))
 
         assert "preferred_element_type=bfloat16" in jaxpr(jnp.bfloat16)
+        assert "preferred_element_type=bfloat16" in jaxpr(None)  # default: h's dtype, as transformers
         assert "preferred_element_type=bfloat16" not in jaxpr(jnp.float32)
         want, got = loss(h, jnp.float32), loss(h, jnp.bfloat16)
         np.testing.assert_allclose(got, want, rtol=1e-2)

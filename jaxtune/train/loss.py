@@ -41,7 +41,7 @@ def chunk_tokens_for_vocab(vocab_size: int) -> int:
 
 def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.Array,
                       chunk_tokens: int | None = None, fused: bool = True,
-                      logits_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+                      logits_dtype=None) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of target tokens) over all non-IGNORE targets.
 
     `h_btd` are final hidden states, `lm_head_dv` the output projection; logits are accumulated
@@ -56,9 +56,11 @@ def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.A
     `fused`: under differentiation, each chunk's gradient is taken while its logits exist (see
     `_fused_loss`), instead of recomputing the logits in the backward pass.
 
-    `logits_dtype`: what the lm_head matmul writes (accumulating in float32 either way); the
-    softmax math is float32. bfloat16 halves the logits' memory traffic, at the rounding of
-    transformers under bf16 autocast (its lm_head returns bf16 logits, upcast for the loss).
+    `logits_dtype`: what the lm_head matmul writes (accumulating in float32 either way; default:
+    h's dtype); the softmax math is float32. In bf16 this is what transformers and MaxText do (an
+    lm_head in bf16 returns bf16 logits, upcast for the loss) and halves the memory traffic of the
+    loss's biggest tensor (+1–1.4% tokens/s on the 1B LoRA step, benchmarks/RESULTS.md); float32
+    logits keep the rounding of the matmul's accumulator.
     """
     B, T, D = h_btd.shape
     chunk_tokens = chunk_tokens or chunk_tokens_for_vocab(lm_head_dv.shape[-1])
@@ -72,7 +74,7 @@ def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.A
     # With the vocabulary split over devices (tensor parallel lm_head), picking the target's logit
     # by index would gather every logit; a masked sum over the vocab reduces in place instead.
     vocab_split = shard_counts(("act_embed", "act_vocab"), lm_head_dv.shape)[1] > 1
-    logits_dtype = jnp.dtype(logits_dtype)
+    logits_dtype = jnp.dtype(logits_dtype or h_btd.dtype)
     if fused:
         return _fused_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)
     return _chunked_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)

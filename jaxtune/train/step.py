@@ -29,7 +29,7 @@ class StepSettings:
     remat: str | None = None  # a name in jaxtune.model.transformer.REMAT_POLICIES
     ce_chunk_tokens: int | None = None  # tokens per cross-entropy chunk per device (None: by vocab size)
     ce_fused: bool = True  # the loss's gradient taken chunk by chunk in the forward pass (loss.py)
-    ce_logits_dtype: str = "float32"  # what the lm_head matmul writes ("bfloat16": as HF under autocast)
+    ce_logits_dtype: str | None = None  # what the lm_head matmul writes (None: `dtype`, as transformers)
     scan_unroll: int = 1  # layers per iteration of the layer scan (num_layers: no loop at all)
     # Rows may hold several sequences (sample_packing). False: one right-padded sequence per row,
     # so attention needs no segment mask (the segment ids still shape the targets); on a Hopper GPU
