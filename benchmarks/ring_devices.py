@@ -14,8 +14,8 @@ total length S. Two figures per length:
   (only where S fits one device's memory; at long S flash is memory-light, so it usually does).
 
 Before timing, the ring output at the shortest length is checked against one-device causal flash
-attention on the same (zigzag-ordered) inputs. `--tiny` runs small shapes in interpret mode on
-CPU devices (set XLA_FLAGS=--xla_force_host_platform_device_count=N).
+attention on the same (zigzag-ordered) inputs. `--tiny` runs small shapes (one length) in interpret
+mode on CPU devices (set XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     interpret = jax.default_backend() == "cpu"
-    if args.tiny:
-        args.seqs, args.heads, args.kv_heads, args.head_dim = [64, 128], 2, 1, 16
+    if args.tiny:  # one length: each length compiles five interpreted kernels, seconds apiece on CPU
+        args.seqs, args.heads, args.kv_heads, args.head_dim = [128], 2, 1, 16
     n = args.devices or len(jax.devices())
     mesh = make_mesh({"data": 1, "sequence": n}, devices=jax.devices()[:n])
     sharded = NamedSharding(mesh, P(None, "sequence"))

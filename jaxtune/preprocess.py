@@ -16,8 +16,6 @@ import time
 from collections.abc import Sequence
 
 from jaxtune.config import add_config_args, load_config_from_args, run_entry
-from jaxtune.data import load_tokenizer, prepare_datasets
-from jaxtune.data.inspect import TRAINED_CLOSE, TRAINED_OPEN, describe_example, example_json
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_out = sys.stderr if args.json else sys.stdout
 
     cfg = load_config_from_args(args)
+    # After the config is checked: a bad key fails in a second, not after transformers loads.
+    from jaxtune.data import load_tokenizer, prepare_datasets
+    from jaxtune.data.inspect import TRAINED_CLOSE, TRAINED_OPEN, describe_example, example_json
+
     tokenizer = load_tokenizer(cfg)
     started = time.perf_counter()
     data = prepare_datasets(cfg, tokenizer, use_cache=not args.rebuild)

@@ -94,21 +94,48 @@ def test_preprocess_inspect_json_prints_only_json_on_stdout(tmp_path):
     assert "3 rows read, 3 kept" in result.stderr
 
 
-def test_preprocess_inspect_marks_trained_text_and_reuses_cache(tmp_path):
+def run_in_process(capsys, monkeypatch, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m jaxtune.preprocess ARGS` without a new interpreter (which spends ~7 s importing
+    jax, transformers and torch): the same `run_entry(main)` its `__main__` block exits with.
+    The JSON test above runs the real command, so start-up output is covered end to end."""
+    from jaxtune import preprocess
+    from jaxtune.config import run_entry
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = run_entry(preprocess.main, list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "jaxtune.preprocess", *args], code, out, err)
+
+
+def test_preprocess_inspect_marks_trained_text_and_reuses_cache(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path, sample_packing=True)
-    first = run_module("jaxtune.preprocess", "--config", str(cfg), "--inspect", "1", cwd=tmp_path)
+    first = run_in_process(capsys, monkeypatch, "--config", str(cfg), "--inspect", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "prepared in" in first.stdout and "packing efficiency" in first.stdout
     assert "\u27e6Paris.<|im_end|>\u27e7" in first.stdout and "\u27e6Madrid.<|im_end|>\u27e7" in first.stdout
-    second = run_module("jaxtune.preprocess", "--config", str(cfg), "--set", "micro_batch_size=2", cwd=tmp_path)
+    second = run_in_process(capsys, monkeypatch, "--config", str(cfg), "--set", "micro_batch_size=2", cwd=tmp_path)
     assert second.returncode == 0 and "reused cache" in second.stdout
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_INPUTS = [
     ("sequence_len=abc", "sequence_len: expected an integer, got 'abc'"),
     ("datasets.0.path=missing.jsonl", "datasets[0].path 'missing.jsonl': no such file"),
-])
-def test_preprocess_bad_input_exits_2_with_one_message(tmp_path, override, message):
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_INPUTS)
+def test_preprocess_bad_input_exits_2_with_one_message(tmp_path, capsys, monkeypatch, override, message):
+    cfg = write_config(tmp_path)
+    result = run_in_process(capsys, monkeypatch, "--config", str(cfg), "--set", override, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+
+
+def test_preprocess_bad_input_exits_2_from_the_real_command(tmp_path):
+    # The end-to-end twin of the in-process test above: the real exit status and all of stderr.
+    override, message = BAD_INPUTS[0]
     cfg = write_config(tmp_path)
     result = run_module("jaxtune.preprocess", "--config", str(cfg), "--set", override, cwd=tmp_path)
     assert result.returncode == 2

@@ -41,15 +41,26 @@ def _segments(key, b, s, kind, n):
 
 
 def _value_and_grads(fn, q, k, v, do, w, **kw):
-    """out, lse and d/d(q, k, v) of sum(out·do) + sum(lse·w) (lse rows that are -inf excluded)."""
+    """out, lse and d/d(q, k, v) of sum(out·do) + sum(lse·w) (lse rows that are -inf excluded).
 
-    def loss(q, k, v):
-        o, lse = fn(q, k, v, return_lse=True, **kw)
-        lse_f = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(lse_f * w), (o, lse)
+    Jitted as one program: eager autodiff re-traces the kernel's custom_vjp on every call and
+    runs the reference op by op, each op compiled on its own (seconds per call on CPU). Array
+    keywords (segment ids, traced windows) stay traced inputs, as in the model.
+    """
+    arrays = {name: x for name, x in kw.items() if isinstance(x, jax.Array)}
+    static = {name: x for name, x in kw.items() if name not in arrays}
 
-    (_, (o, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return o, lse, grads
+    @jax.jit
+    def run(q, k, v, do, w, arrays):
+        def loss(q, k, v):
+            o, lse = fn(q, k, v, return_lse=True, **static, **arrays)
+            lse_f = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(lse_f * w), (o, lse)
+
+        (_, (o, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return o, lse, grads
+
+    return run(q, k, v, do, w, arrays)
 
 
 def _inputs(seed, b, sq, skv, h, kh, d, dtype):
@@ -176,10 +187,16 @@ def test_ring_blocks_merge_to_full_attention():
 
     offsets = jnp.arange(n, dtype=jnp.int32) * c  # traced, as under shard_map
     full = lambda q, k, v: flash_attention_reference(q, k, v, segment_ids=seg, causal=True)
-    o1, vjp1 = jax.vjp(lambda q, k, v: ring(q, k, v, offsets), q, k, v)
-    o2, vjp2 = jax.vjp(full, q, k, v)
+
+    @jax.jit  # one program: an eager reference vjp compiles op by op (seconds on CPU)
+    def value_and_grads(q, k, v, do, offsets):
+        o1, vjp1 = jax.vjp(lambda q, k, v: ring(q, k, v, offsets), q, k, v)
+        o2, vjp2 = jax.vjp(full, q, k, v)
+        return o1, vjp1(do), o2, vjp2(do)
+
+    o1, g1, o2, g2 = value_and_grads(q, k, v, do, offsets)
     assert rel_err(o1, o2) <= 1e-5
-    for a, b in zip(vjp1(do), vjp2(do)):
+    for a, b in zip(g1, g2):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -187,17 +204,25 @@ def test_fully_masked_rows_give_zero_and_neg_inf_lse():
     q, k, v, do, w = _inputs(13, 2, 32, 32, 2, 2, 64, jnp.float32)
 
     def check(**kw):
-        (o, lse), vjp = jax.vjp(
-            lambda q, k, v: flash_attention(
-                q, k, v, return_lse=True, block_sizes=SMALL, interpret=INTERPRET, **kw
-            ),
-            q,
-            k,
-            v,
-        )
+        arrays = {name: x for name, x in kw.items() if isinstance(x, jax.Array)}
+        static = {name: x for name, x in kw.items() if name not in arrays}
+
+        @jax.jit  # one program, not an eager re-trace of the custom_vjp (see _value_and_grads)
+        def run(q, k, v, do, w, arrays):
+            (o, lse), vjp = jax.vjp(
+                lambda q, k, v: flash_attention(
+                    q, k, v, return_lse=True, block_sizes=SMALL, interpret=INTERPRET, **static, **arrays
+                ),
+                q,
+                k,
+                v,
+            )
+            return o, lse, vjp((do, w))
+
+        o, lse, grads = run(q, k, v, do, w, arrays)
         assert np.all(np.asarray(o) == 0.0)
         assert np.all(np.isneginf(np.asarray(lse)))
-        for g in vjp((do, w)):
+        for g in grads:
             assert np.all(np.asarray(g) == 0.0)
 
     # kv block entirely in the future of the query block (a ring step past the diagonal).
@@ -285,8 +310,8 @@ def test_sliding_window_traced():
     )
     for window in (1, 20, 50, 0):
         o1, l1, g1 = run(jnp.int32(window))
-        o2, l2, g2 = _value_and_grads(
-            flash_attention_reference, q, k, v, do, w, causal=True, window=window
+        o2, l2, g2 = _value_and_grads(  # the window traced here too: one compiled reference
+            flash_attention_reference, q, k, v, do, w, causal=True, window=jnp.int32(window)
         )
         for a, b in zip((o1, l1, *g1), (o2, l2, *g2)):
             assert rel_err(a, b) <= 1e-5, window

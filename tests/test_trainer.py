@@ -38,6 +38,60 @@ def run(cmd, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+_BACKGROUND: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_background_runs():
+    """A test that fails half-way leaves no run behind."""
+    yield
+    while _BACKGROUND:
+        proc = _BACKGROUND.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start(cmd, log_dir, env=ENV) -> subprocess.Popen:
+    """Start a command in the background; `finish` collects it. A test with independent runs
+    starts them together: each spends most of its time on one core (imports, compiling)."""
+    os.makedirs(log_dir, exist_ok=True)
+    # Files, not pipes: a child never blocks on a full pipe that nobody reads yet.
+    out = open(os.path.join(log_dir, "stdout.txt"), "w+")
+    err = open(os.path.join(log_dir, "stderr.txt"), "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+    proc.logs = (out, err)
+    _BACKGROUND.append(proc)
+    return proc
+
+
+def finish(proc, timeout=600) -> subprocess.CompletedProcess:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    texts = []
+    for f in proc.logs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
+
+
+def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`python -m jaxtune.train ARGS` in this process: the same `run_entry(main)` its `__main__`
+    block exits with, without a new interpreter importing jax, transformers and torch (~7 s).
+    `test_bad_config_key_exits_2_without_traceback` runs the real command end to end."""
+    from jaxtune.config import run_entry
+    from jaxtune.train.__main__ import main
+
+    capsys.readouterr()
+    code = run_entry(main, list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "jaxtune.train", *args], code, out, err)
+
+
 def wait_for(predicate, proc, timeout=300):
     start = time.time()
     while not predicate():
@@ -53,10 +107,7 @@ def wait_for(predicate, proc, timeout=300):
 def test_sigkill_then_restart_continues_the_exact_loss_curve(tmp_path):
     steps = ["max_steps=30", "save_steps=4"]
     whole = tmp_path / "whole"
-    done = run(command(whole, *steps))
-    assert done.returncode == 0, done.stderr
-    reference = losses(whole / "out")
-    assert sorted(reference) == list(range(1, 31))
+    uninterrupted = start(command(whole, *steps), whole)  # the reference, alongside the killed run
 
     broken = tmp_path / "broken"
     proc = subprocess.Popen(command(broken, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -70,6 +121,10 @@ def test_sigkill_then_restart_continues_the_exact_loss_curve(tmp_path):
     resumed = run(command(broken, *steps))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from checkpoint" in resumed.stdout + resumed.stderr
+    done = finish(uninterrupted)
+    assert done.returncode == 0, done.stderr
+    reference = losses(whole / "out")
+    assert sorted(reference) == list(range(1, 31))
     after = losses(broken / "out")
     assert sorted(after) == list(range(1, 31))
     for step in range(1, 31):
@@ -91,8 +146,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "model"), "an interrupted run must not export"
 
 
-def test_watchdog_stops_on_high_loss_with_a_message(tmp_path):
-    done = run(command(tmp_path, "max_steps=20", "loss_watchdog_threshold=0.5", "loss_watchdog_patience=2"))
+def test_watchdog_stops_on_high_loss_with_a_message(tmp_path, capsys):
+    # In process, on the 8 test devices: one row per device is the 8 rows per step of one device.
+    done = run_in_process(capsys, *command(tmp_path, "max_steps=20", "loss_watchdog_threshold=0.5",
+                                           "loss_watchdog_patience=2", "micro_batch_size=1")[3:])
     assert done.returncode == 2
     assert "above loss_watchdog_threshold 0.5 for 2 steps" in done.stderr
     assert "Traceback" not in done.stderr
@@ -117,10 +174,10 @@ def test_bad_config_key_exits_2_without_traceback(tmp_path):
     assert "lora_rr" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    done = run(command(tmp_path, f"output_dir={blocker / 'out'}"))
+    done = run_in_process(capsys, *command(tmp_path, f"output_dir={blocker / 'out'}")[3:])
     assert done.returncode == 2
     assert f"output_dir: cannot write to {blocker / 'out'}" in done.stderr
 
@@ -133,12 +190,12 @@ def test_lora_run_writes_a_peft_adapter_that_export_reproduces(tmp_path):
     adapter = tmp_path / "out" / "adapter"
     config = json.load(open(adapter / "adapter_config.json"))
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    again = subprocess.run([sys.executable, "-m", "jaxtune.export", "--config", QUICKSTART, "--format", "peft",
-                            "--out", str(tmp_path / "again")] + command(tmp_path, *lora)[5:],
-                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == \
-        (adapter / "adapter_model.safetensors").read_bytes()
+    # The export and the continued run only read the adapter: both run while this process checks it.
+    exporting = start([sys.executable, "-m", "jaxtune.export", "--config", QUICKSTART, "--format", "peft",
+                       "--out", str(tmp_path / "again")] + command(tmp_path, *lora)[5:], tmp_path / "export")
+    # lora_model_dir: a new run starts from the trained adapter instead of B = 0
+    cont = tmp_path / "continued"
+    continuing = start(command(cont, *lora[:-1], "max_steps=1", f"lora_model_dir={adapter}"), cont)
     import jaxtune
     import numpy as np
 
@@ -147,9 +204,11 @@ def test_lora_run_writes_a_peft_adapter_that_export_reproduces(tmp_path):
     ids = np.arange(1, 12)[None]
     assert not np.allclose(np.asarray(base(ids)), np.asarray(tuned(ids)))  # the adapter was trained
 
-    # lora_model_dir: a new run starts from the trained adapter instead of B = 0
-    cont = tmp_path / "continued"
-    resumed = run(command(cont, *lora[:-1], "max_steps=1", f"lora_model_dir={adapter}"))
+    again = finish(exporting, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == \
+        (adapter / "adapter_model.safetensors").read_bytes()
+    resumed = finish(continuing)
     assert resumed.returncode == 0, resumed.stderr
     assert losses(cont / "out")[1] < losses(tmp_path / "out")[1]
 
@@ -168,11 +227,12 @@ def test_ring_attention_run_logs_the_losses_of_one_device(tmp_path):
     # mesh sequence=4 x data=2 on 8 CPU devices (ring attention in Pallas interpret mode, zigzag
     # rows) against one device running plain XLA attention on the same 8 rows per step.
     steps = ["max_steps=3", "sample_packing=true"]
+    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    ring = start(command(tmp_path / "ring", *steps, "micro_batch_size=4", "mesh.sequence=4", "mesh.data=2"),
+                 tmp_path / "ring", env=env8)  # the two runs side by side
     one = run(command(tmp_path / "one", *steps, "micro_batch_size=8"))
     assert one.returncode == 0, one.stderr
-    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    ring = subprocess.run(command(tmp_path / "ring", *steps, "micro_batch_size=4", "mesh.sequence=4", "mesh.data=2"),
-                          cwd=ROOT, env=env8, capture_output=True, text=True, timeout=900)
+    ring = finish(ring, timeout=900)
     assert ring.returncode == 0, ring.stderr
     expected, got = losses(tmp_path / "one" / "out"), losses(tmp_path / "ring" / "out")
     assert sorted(got) == [1, 2, 3]
