@@ -49,10 +49,13 @@ from flax import struct, traverse_util
 
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import dense, register_linear
+from jaxtune.model.linear import dense, linear, register_linear
+from jaxtune.model.mlp import MLP, register_fused_mlp
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
 from jaxtune.lora_fused_product import fused_lora_product, pays_off
+from jaxtune.lora_gated_down import lora_gated_down
+from jaxtune.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +186,25 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
 
 
 register_linear(LoRA, _lora_linear)
+
+
+def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
+    """The gated MLP with the activation and a LoRA down_proj as one function (lora_gated_down.py:
+    the adapter's term of the activation's gradient is formed inside the activation's backward).
+    Takes down_proj with plain LoRA (no DoRA, no dropout: the adapter's input is h itself) and no
+    biases; None otherwise, and `gated_mlp` takes the per-projection path."""
+    down = mlp["down_proj"]["kernel"]
+    if not isinstance(down, LoRA) or down.magnitude is not None or (down.dropout_key is not None and down.dropout > 0.0):
+        return None
+    if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    gate = linear(x, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype)
+    up = linear(x, mlp["up_proj"]["kernel"], "btd,df->btf", dtype)
+    return lora_gated_down(constrain(gate, MLP), constrain(up, MLP), quant.dequantize(down.base, dtype),
+                           down.a.astype(dtype), (down.scale * down.b).astype(dtype), hidden_act=hidden_act)
+
+
+register_fused_mlp(_mlp_with_lora_down)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from jaxtune.model.attention import self_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.layer_list import has_split_layers, per_layer
 from jaxtune.model.linear import dense, linear
+from jaxtune.model.mlp import gated_mlp
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
 
@@ -50,21 +51,10 @@ REMAT_POLICIES = {
 RESIDUAL = ("act_batch", "act_length", "act_embed")
 HEADS = ("act_batch", "act_length", "act_heads", None)
 KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
-MLP = ("act_batch", "act_length", "act_mlp")
 
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
-# Norms and the gated activation compute in float32 from bf16 inputs. Differentiated plainly,
-# autodiff would keep their float32 intermediates (x·rsqrt, gate and up upcast, SiLU) for the
-# backward pass: on the 1B shape about 0.6 GB per layer more than the bf16 inputs they come from
-# (exactly, since bf16 → f32 is lossless). Under `jax.checkpoint` only the inputs are kept and the
-# backward recomputes these elementwise ops (same arithmetic, same gradients).
+# RMSNorm computes in float32 from bf16 inputs. Differentiated plainly, autodiff would keep its
+# float32 intermediates (x·rsqrt) for the backward pass; under `jax.checkpoint` only the inputs are
+# kept and the backward recomputes the elementwise ops (same arithmetic, same gradients).
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
@@ -73,12 +63,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return normed.astype(x.dtype) * scale.astype(x.dtype)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
-def gated_activation(gate: jax.Array, up: jax.Array, hidden_act: str) -> jax.Array:
-    """act(gate) · up in float32, returned in gate's dtype (the MLP's SwiGLU/GeGLU)."""
-    return (_ACTIVATIONS[hidden_act](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
 def _bias(module: dict) -> jax.Array | None:
@@ -109,10 +93,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     h_btd = checkpoint_name(constrain(h_btd, RESIDUAL), "attention_block_out")
 
     x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-    gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["gate_proj"]))
-    up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, _bias(mlp["up_proj"]))
-    act_btf = constrain(gated_activation(gate_btf, up_btf, cfg.hidden_act), MLP)
-    h_btd = h_btd + linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, _bias(mlp["down_proj"]))
+    h_btd = h_btd + gated_mlp(x_btd, mlp, cfg.hidden_act, dtype)
     return constrain(h_btd, RESIDUAL), attend_state
 
 

@@ -1,0 +1,114 @@
+"""A gated MLP's activation and its LoRA down_proj as one differentiable function:
+`down(act(g)·u) = h@Wd + (h@Ad)@sBd` with `h = act(g)·u`.
+
+Autodiff of the plain form (the activation, then `linear` on the LoRA leaf) writes the adapter's
+term of h's gradient, `dha@Adᵀ`, as a full `[tokens, mlp]` array and reads it again in the
+activation's backward. Here the backward is written out and that term is formed on the tiles of
+the activation's backward kernel (kernels/lora_activation_grad.py): one pass over g, u and
+`dy@Wdᵀ` where autodiff made three (+1.4% on the 1B LoRA step, benchmarks/RESULTS.md, ninth
+round). Where the kernel does not run (off a GPU, `KERNELS = "off"`, shapes it does not take) its
+jnp reference does, so the arithmetic is the same everywhere.
+
+Residuals are what autodiff of the plain form keeps: g, u, h and `h@Ad`. The frozen `Wd` gets a
+gradient only if differentiated (symbolic zeros tell), as in `lora_fused_product`. Under a mesh
+the kernel runs per shard in `shard_map` (a `pallas_call` has no sharding rule): the tokens over
+the batch and length axes, the mlp dimension over the tensor axis, each shard with its rows of Ad.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxtune.kernels import lora_activation_grad as kernel
+from jaxtune.kernels.activation_math import REFERENCE
+from jaxtune.model.mlp import MLP
+from jaxtune.sharding import active_mesh, active_spec, constrain
+
+# "auto": the Pallas kernel on a GPU, its jnp reference elsewhere; "off": the reference everywhere;
+# "interpret": the kernel everywhere, in Pallas interpret mode off a GPU (CPU tests).
+KERNELS = "auto"
+
+
+def _kernel_mode() -> tuple[bool, bool]:
+    """(run the kernel, in interpret mode)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if KERNELS == "off" or (KERNELS == "auto" and not on_gpu):
+        return False, False
+    return True, not on_gpu
+
+
+def lora_gated_down(g, u, w_down, a_down, sb_down, *, hidden_act: str):
+    """`act(g)·u` through a LoRA down_proj: g, u `[B, T, F]`; w_down `[F, D]` (frozen base);
+    a_down `[F, r]`; sb_down `[r, D]` (s·B); all in one dtype, the result `[B, T, D]` in it too."""
+    return _gated_down(hidden_act, g, u, w_down, a_down, sb_down)
+
+
+def _einsum(spec, a, b, out_dtype):
+    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+
+
+def _activation(g, u, hidden_act):
+    return (REFERENCE[hidden_act](g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(g.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated_down(hidden_act, g, u, w_down, a_down, sb_down):
+    return _forward(hidden_act, g, u, w_down, a_down, sb_down)[0]
+
+
+def _forward(hidden_act, g, u, w_down, a_down, sb_down):
+    h = constrain(_activation(g, u, hidden_act), MLP)
+    ha = _einsum("btf,fr->btr", h, a_down, g.dtype)
+    return _einsum("btf,fd->btd", h, w_down, g.dtype) + _einsum("btr,rd->btd", ha, sb_down, g.dtype), (h, ha)
+
+
+def _fwd(hidden_act, g, u, w_down, a_down, sb_down):
+    y, (h, ha) = _forward(hidden_act, g.value, u.value, w_down.value, a_down.value, sb_down.value)
+    return y, (g.value, u.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed)
+
+
+def _bwd(hidden_act, res, dy):
+    g, u, h, ha, w_down, a_down, sb_down, want_dw = res
+    dy = dy.astype(g.dtype)
+    dha = _einsum("btd,rd->btr", dy, sb_down, g.dtype)
+    dh_base = constrain(_einsum("btd,fd->btf", dy, w_down, g.dtype), MLP)
+    dg, du = _activation_grad(g, u, dh_base, dha, a_down, hidden_act)
+    d_a_down = _einsum("btf,btr->fr", h, dha, jnp.float32).astype(a_down.dtype)
+    d_sb_down = _einsum("btr,btd->rd", ha, dy, jnp.float32).astype(sb_down.dtype)
+    dw_down = _einsum("btf,btd->fd", h, dy, jnp.float32).astype(w_down.dtype) if want_dw else None
+    return dg, du, dw_down, d_a_down, d_sb_down
+
+
+_gated_down.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _activation_grad(g, u, dh_base, dha, a_down, hidden_act):
+    """`(dg, du)`: the kernel per shard where it runs, else its reference on the whole arrays."""
+    use, interpret = _kernel_mode()
+    spec = active_spec(MLP, g.shape)
+    sharded = spec is not None and any(e is not None for e in spec)
+    counts = [math.prod(active_mesh().shape[a] for a in _axes(e)) for e in spec] if sharded else [1, 1, 1]
+    local_rows = (g.shape[0] // counts[0]) * (g.shape[1] // counts[1])
+    if not (use and kernel.supports(local_rows, g.shape[2] // counts[2], g.dtype, hidden_act)):
+        return kernel.activation_grad_reference(g, u, dh_base, dha, a_down, hidden_act)
+
+    def run(g, u, dh_base, dha, a):
+        b, t, f = g.shape
+        flat = lambda z: z.reshape(b * t, z.shape[-1])
+        dg, du = kernel.activation_grad(flat(g), flat(u), flat(dh_base), flat(dha), a, hidden_act, interpret=interpret)
+        return dg.reshape(b, t, f), du.reshape(b, t, f)
+
+    if not sharded:
+        return run(g, u, dh_base, dha, a_down)
+    rows = P(spec[0], spec[1], None)
+    return jax.shard_map(run, mesh=active_mesh(), in_specs=(spec, spec, spec, rows, P(spec[2], None)),
+                         out_specs=(spec, spec), check_vma=False)(g, u, dh_base, dha, a_down)

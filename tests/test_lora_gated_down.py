@@ -1,0 +1,202 @@
+"""The gated MLP's activation and LoRA down_proj as one function (jaxtune/lora_gated_down.py) and
+its backward kernel (kernels/lora_activation_grad.py): the kernel against its jnp reference, and
+the whole block against autodiff of the per-projection form, plain and sharded.
+
+On CPU the Pallas kernel runs in interpret mode (`KERNELS = "interpret"`); `test_lowers_to_triton`
+lowers it for an abstract H200, so a primitive without a Triton lowering fails here too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import lora, lora_gated_down
+from jaxtune.kernels import lora_activation_grad as kernel
+from jaxtune.kernels.activation_math import ACTIVATIONS
+from jaxtune.mesh import make_mesh
+from jaxtune.model import mlp as mlp_module
+from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
+
+
+def _rel(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("rank", [8, 16])
+def test_kernel_matches_reference(dtype, rank):
+    n, f = 48, 320  # 3 row blocks of 16; columns shrink to 64 (320 = 5 × 64)
+    ks = jax.random.split(jax.random.key(0), 5)
+    g, u, dhb = (jax.random.normal(k, (n, f), dtype) * 2 for k in ks[:3])
+    dha = jax.random.normal(ks[3], (n, rank), dtype)
+    a = (jax.random.normal(ks[4], (f, rank)) * 0.3).astype(dtype)
+    for act in ACTIVATIONS:
+        got = kernel.activation_grad(g, u, dhb, dha, a, act, interpret=True)
+        want = kernel.activation_grad_reference(g, u, dhb, dha, a, act)
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: a rounding step either side of a tie
+        for x, y in zip(got, want):
+            assert x.dtype == dtype and x.shape == (n, f)
+            assert _rel(x, y) < tol, (act, _rel(x, y))
+
+
+def test_supports_and_block_fitting():
+    assert kernel.BlockSizes().fit(8192, 8192) == kernel.BlockSizes(16, 128, 4)
+    assert kernel.BlockSizes().fit(4096, 14336) == kernel.BlockSizes(16, 128, 4)
+    assert kernel.BlockSizes().fit(48, 96) == kernel.BlockSizes(16, 32, 4)
+    assert kernel.supports(8192, 5632, jnp.bfloat16, "silu")
+    assert not kernel.supports(40, 128, jnp.bfloat16, "silu")  # 40 rows: no block of >= 16 divides
+    assert not kernel.supports(64, 100, jnp.bfloat16, "silu")  # 100 columns: none of >= 32
+    assert not kernel.supports(64, 128, jnp.int32, "silu")
+    assert not kernel.supports(64, 128, jnp.bfloat16, "gelu_new")
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.BlockSizes(block_rows=24)
+    with pytest.raises(ValueError, match="at least 16"):
+        kernel.BlockSizes(block_rows=8)
+
+
+def _leaf(key, din, dout, r, dropout=0.0, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return lora.LoRA(base=(jax.random.normal(k1, (din, dout)) * din ** -0.5).astype(dtype),
+                     a=jax.random.normal(k2, (din, r)) * din ** -0.5, b=jax.random.normal(k3, (r, dout)) * 0.3,
+                     magnitude=None, dropout_key=None, scale=2.0, dropout=dropout)
+
+
+def _mlp_params(d=32, f=128, r=8, dtype=jnp.float32, gate_dropout=0.0):
+    ks = jax.random.split(jax.random.key(7), 3)
+    return {"gate_proj": {"kernel": _leaf(ks[0], d, f, r, gate_dropout, dtype)},
+            "up_proj": {"kernel": _leaf(ks[1], d, f, r, dtype=dtype)},
+            "down_proj": {"kernel": _leaf(ks[2], f, d, r, dtype=dtype)}}
+
+
+def _block_loss(params, x, dtype, act="silu", fused=True, dropout_key=None):
+    if dropout_key is not None:  # set inside: the differentiated params stay float arrays
+        params = jax.tree.map(lambda w: w.replace(dropout_key=dropout_key) if isinstance(w, lora.LoRA) and w.dropout else w,
+                              params, is_leaf=lambda w: isinstance(w, lora.LoRA))
+    saved = list(mlp_module._FUSED)
+    if not fused:
+        mlp_module._FUSED.clear()
+    try:
+        y = mlp_module.gated_mlp(x, params, act, dtype)
+    finally:
+        mlp_module._FUSED[:] = saved
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(y.shape[-1]))
+
+
+def _pallas_names(fn, *args) -> list[str]:
+    text = str(jax.make_jaxpr(lambda p, x: fn(p, x, *args[2:]))(*args[:2]))
+    return [name for name in ("jaxtune_lora_activation_grad",) if name in text]
+
+
+@pytest.mark.parametrize("mode", ["off", "interpret"])
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_block_matches_autodiff_of_the_projections(monkeypatch, mode, act):
+    monkeypatch.setattr(lora_gated_down, "KERNELS", mode)
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (2, 16, 32))
+    grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
+    (got_loss, got), (want_loss, want) = grad(params, x, jnp.float32, act), grad(params, x, jnp.float32, act, False)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(a, b) < 1e-5
+    # the kernel runs in the backward exactly when asked to
+    names = _pallas_names(jax.grad(_block_loss), params, x, jnp.float32, act)
+    assert names == ([] if mode == "off" else ["jaxtune_lora_activation_grad"])
+
+
+def test_block_in_bf16_is_as_close_to_float32_as_autodiff(monkeypatch):
+    """In bf16 both forms round differently; against float32 the fused one must not be worse."""
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (2, 16, 32))
+    bf16 = jax.tree.map(lambda z: z.astype(jnp.bfloat16), params)
+    grad = jax.grad(_block_loss, argnums=(0, 1))
+    truth = jax.tree.leaves(grad(params, x, jnp.float32, "silu", False))
+    fused = jax.tree.leaves(grad(bf16, x.astype(jnp.bfloat16), jnp.bfloat16))
+    plain = jax.tree.leaves(grad(bf16, x.astype(jnp.bfloat16), jnp.bfloat16, "silu", False))
+    for t, f_, p in zip(truth, fused, plain):
+        err = lambda z: np.linalg.norm(np.asarray(z, np.float32) - np.asarray(t)) / np.linalg.norm(np.asarray(t))
+        assert err(f_) <= 1.2 * err(p) + 1e-3, (err(f_), err(p))
+
+
+def test_dropout_on_gate_and_frozen_down_gradient(monkeypatch):
+    """Dropout on gate's adapter (the caller's business) and a differentiated down_proj base (the
+    custom VJP's `dw`) give autodiff's gradients."""
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    params, key = _mlp_params(gate_dropout=0.3), jax.random.key(3)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+    grad = jax.grad(_block_loss)
+    got, want = grad(params, x, jnp.float32, "silu", True, key), grad(params, x, jnp.float32, "silu", False, key)
+    assert _rel(got["gate_proj"]["kernel"].a, grad(params, x, jnp.float32)["gate_proj"]["kernel"].a) > 1e-2
+    down_base = lambda g: g["down_proj"]["kernel"].base
+    assert float(jnp.max(jnp.abs(down_base(want)))) > 0
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(a, b) < 1e-5
+
+
+def test_takes_only_plain_lora_down_without_dropout(monkeypatch):
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    x = jax.random.normal(jax.random.key(1), (2, 16, 32))
+    uses_kernel = lambda p: bool(_pallas_names(jax.grad(_block_loss), p, x, jnp.float32, "silu", True,
+                                               jax.random.key(0)))
+    base = _mlp_params()
+    assert uses_kernel(base)
+    assert not uses_kernel({**base, "down_proj": {"kernel": base["down_proj"]["kernel"].replace(dropout=0.1)}})
+    dora = base["down_proj"]["kernel"].replace(magnitude=jnp.ones((32,)))
+    assert not uses_kernel({**base, "down_proj": {"kernel": dora}})
+    assert not uses_kernel({**base, "down_proj": {"kernel": base["down_proj"]["kernel"], "bias": jnp.zeros((32,))}})
+    assert not uses_kernel({**base, "down_proj": {"kernel": base["down_proj"]["kernel"].base}})
+    # gate and up need no adapter of their own
+    assert uses_kernel({**base, "gate_proj": {"kernel": base["gate_proj"]["kernel"].base}})
+
+
+def test_sharded_model_matches_unsharded(monkeypatch):
+    """The whole model over data, fsdp and tensor (the kernel per shard, the mlp dimension split
+    over tensor) gives the unsharded loss and gradients."""
+    from jaxtune.model.config import ModelConfig
+    from jaxtune.model.params import init_params
+    from jaxtune.model.transformer import forward
+
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    adapted = lora.apply(init_params(cfg, jax.random.key(0)), lora.LoraConfig(r=4, alpha=8.0, target_linear=True),
+                         cfg, jax.random.key(1))
+    adapted = {**adapted, "layers": jax.tree.map(
+        lambda leaf: leaf.replace(b=jax.random.normal(jax.random.key(2), leaf.b.shape) * 0.1)
+        if isinstance(leaf, lora.LoRA) else leaf, adapted["layers"], is_leaf=lambda z: isinstance(z, lora.LoRA))}
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 16)))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = tree_shardings(lora.logical_axes(adapted, cfg), adapted, mesh, merged_rules())
+
+    def loss(p):
+        return jnp.sum(forward(p, cfg, batch) ** 2)
+
+    with activation_sharding(mesh, merged_rules()):
+        assert "jaxtune_lora_activation_grad" in str(jax.make_jaxpr(jax.grad(loss))(adapted))
+        sharded = jax.jit(jax.value_and_grad(loss))(jax.device_put(adapted, shardings))
+    plain = jax.jit(jax.value_and_grad(loss))(adapted)
+    np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_lowers_to_triton():
+    """The kernel lowers to one Triton call for an H200, from this CPU, at the 1B and 8B shapes."""
+    try:
+        from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+    except ImportError:
+        pytest.skip("this jax has no abstract devices")
+    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=h200)
+    for n, f, r in [(8192, 8192, 16), (4096, 14336, 8)]:
+        big, thin = jax.ShapeDtypeStruct((n, f), jnp.bfloat16), jax.ShapeDtypeStruct((n, r), jnp.bfloat16)
+        fn = jax.jit(lambda *z: kernel.activation_grad(*z, "silu"))
+        with warnings.catch_warnings(), use_abstract_mesh(mesh):
+            warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton is deprecated"
+            hlo = fn.trace(big, big, big, thin, jax.ShapeDtypeStruct((f, r), jnp.bfloat16)).lower(
+                lowering_platforms=("cuda",)).as_text()
+        assert hlo.count("__gpu$xla.gpu.triton") == 1
