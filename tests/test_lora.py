@@ -154,15 +154,25 @@ def test_fused_lora_product_shards_like_the_two_products():
     cfg = lora.LoraConfig(r=4, alpha=8.0, target_linear=True)
     adapted = randomize_adapters(lora.apply(init_params(WIDE_CFG, jax.random.key(0)), cfg, WIDE_CFG,
                                             jax.random.key(1)))
-    batch = jnp.asarray(np.random.default_rng(0).integers(0, WIDE_CFG.vocab_size, size=(8, 16)))
+    with activation_sharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), merged_rules()):
+        assert pays_off("btd,df->btf", (8, 16, 8), (8, 20))
+    assert_sharded_model_matches_unsharded(adapted, WIDE_CFG)
+
+
+def assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward: str | None = None):
+    """The model's loss and gradients on 8 rows × 16 tokens, sharded over data, fsdp and tensor (2
+    each), equal the unsharded ones; `traced_in_backward`: a name the sharded backward's jaxpr
+    must contain (a kernel's)."""
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 16)))
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    shardings = tree_shardings(lora.logical_axes(adapted, WIDE_CFG), adapted, mesh, merged_rules())
+    shardings = tree_shardings(lora.logical_axes(adapted, cfg), adapted, mesh, merged_rules())
 
     def loss(p):
-        return jnp.sum(forward(p, WIDE_CFG, batch) ** 2)
+        return jnp.sum(forward(p, cfg, batch) ** 2)
 
     with activation_sharding(mesh, merged_rules()):
-        assert pays_off("btd,df->btf", (8, 16, 8), (8, 20))
+        if traced_in_backward is not None:
+            assert traced_in_backward in str(jax.make_jaxpr(jax.grad(loss))(adapted))
         sharded = jax.jit(jax.value_and_grad(loss))(jax.device_put(adapted, shardings))
     plain = jax.jit(jax.value_and_grad(loss))(adapted)
     np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)

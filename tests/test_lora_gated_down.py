@@ -18,9 +18,9 @@ import pytest
 from jaxtune import lora, lora_gated_down
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import ACTIVATIONS
-from jaxtune.mesh import make_mesh
 from jaxtune.model import mlp as mlp_module
-from jaxtune.sharding import activation_sharding, merged_rules, tree_shardings
+from jaxtune.model.config import ModelConfig
+from jaxtune.model.params import init_params
 
 
 def _rel(got, want) -> float:
@@ -156,32 +156,14 @@ def test_takes_only_plain_lora_down_without_dropout(monkeypatch):
 def test_sharded_model_matches_unsharded(monkeypatch):
     """The whole model over data, fsdp and tensor (the kernel per shard, the mlp dimension split
     over tensor) gives the unsharded loss and gradients."""
-    from jaxtune.model.config import ModelConfig
-    from jaxtune.model.params import init_params
-    from jaxtune.model.transformer import forward
+    from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
 
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
     cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8)
-    adapted = lora.apply(init_params(cfg, jax.random.key(0)), lora.LoraConfig(r=4, alpha=8.0, target_linear=True),
-                         cfg, jax.random.key(1))
-    adapted = {**adapted, "layers": jax.tree.map(
-        lambda leaf: leaf.replace(b=jax.random.normal(jax.random.key(2), leaf.b.shape) * 0.1)
-        if isinstance(leaf, lora.LoRA) else leaf, adapted["layers"], is_leaf=lambda z: isinstance(z, lora.LoRA))}
-    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(8, 16)))
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    shardings = tree_shardings(lora.logical_axes(adapted, cfg), adapted, mesh, merged_rules())
-
-    def loss(p):
-        return jnp.sum(forward(p, cfg, batch) ** 2)
-
-    with activation_sharding(mesh, merged_rules()):
-        assert "jaxtune_lora_activation_grad" in str(jax.make_jaxpr(jax.grad(loss))(adapted))
-        sharded = jax.jit(jax.value_and_grad(loss))(jax.device_put(adapted, shardings))
-    plain = jax.jit(jax.value_and_grad(loss))(adapted)
-    np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
-        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+    adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
+                                            lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
+    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad")
 
 
 def test_lowers_to_triton():
