@@ -5,7 +5,7 @@ Autodiff of the plain form (the activation, then `linear` on the LoRA leaf) writ
 term of h's gradient, `dha@Adᵀ`, as a full `[tokens, mlp]` array and reads it again in the
 activation's backward. Here the backward is written out and that term is formed on the tiles of
 the activation's backward kernel (kernels/lora_activation_grad.py): one pass over g, u and
-`dy@Wdᵀ` where autodiff made three (+1.4% on the 1B LoRA step, benchmarks/RESULTS.md, ninth
+`dy@Wdᵀ` where autodiff made three (+1.6% on the 1B LoRA step, benchmarks/RESULTS.md, ninth
 round). Where the kernel does not run (off a GPU, `KERNELS = "off"`, shapes it does not take) its
 jnp reference does, so the arithmetic is the same everywhere.
 

@@ -63,11 +63,6 @@ def _sigmoid(g):
     return 1.0 / (1.0 + jnp.exp(-g))  # exp(-g) = inf for g << 0 gives exactly 0, never NaN
 
 
-def activation(g, hidden_act: str):
-    """act(g) for float32 g."""
-    return activation_and_grad(g, hidden_act)[0]
-
-
 def activation_and_grad(g, hidden_act: str):
     """(act(g), act'(g)) for float32 g, sharing the transcendental between the two."""
     if hidden_act == "silu":

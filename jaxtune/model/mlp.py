@@ -3,8 +3,8 @@
 `gated_mlp` runs the three projections through `linear`, so any weight leaf type works. A
 parameter transform that can do better on the whole block (LoRA: `jaxtune/lora_gated_down.py`
 takes the activation and a LoRA down_proj as one function) registers a function that returns the
-block's output, or None for params it does not take; the first that answers wins. Model code stays unaware of them
-(DESIGN.md invariant 2).
+block's output, or None for params it does not take; the first that answers wins. Model code
+stays unaware of them (DESIGN.md invariant 2).
 """
 
 from __future__ import annotations
