@@ -67,13 +67,7 @@ def _step(fused: bool):
     """jit((adapters, frozen, x, dy) → (y, adapter grads, dx)), as the model runs it (fused=True) or the per-projection form."""
     def run(params, x, dy):
         def block(p, x):
-            saved = list(mlp_module._FUSED)
-            if not fused:
-                mlp_module._FUSED.clear()
-            try:
-                return mlp_module.gated_mlp(x, p, "silu", jnp.bfloat16)
-            finally:
-                mlp_module._FUSED[:] = saved
+            return mlp_module.gated_mlp(x, p, "silu", jnp.bfloat16, fused=fused)
 
         y, vjp = jax.vjp(block, params, x)
         grads, dx = vjp(dy)

@@ -18,7 +18,6 @@ the batch and length axes, the mlp dimension over the tensor axis, each shard wi
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import REFERENCE
 from jaxtune.model.mlp import MLP
-from jaxtune.sharding import active_mesh, active_spec, constrain
+from jaxtune.sharding import active_mesh, active_spec, constrain, shard_counts
 
 # "auto": the Pallas kernel on a GPU, its jnp reference elsewhere; "off": the reference everywhere;
 # "interpret": the kernel everywhere, in Pallas interpret mode off a GPU (CPU tests).
@@ -87,16 +86,12 @@ def _bwd(hidden_act, res, dy):
 _gated_down.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _activation_grad(g, u, dh_base, dha, a_down, hidden_act):
     """`(dg, du)`: the kernel per shard where it runs, else its reference on the whole arrays."""
     use, interpret = _kernel_mode()
     spec = active_spec(MLP, g.shape)
     sharded = spec is not None and any(e is not None for e in spec)
-    counts = [math.prod(active_mesh().shape[a] for a in _axes(e)) for e in spec] if sharded else [1, 1, 1]
+    counts = shard_counts(MLP, g.shape)
     local_rows = (g.shape[0] // counts[0]) * (g.shape[1] // counts[1])
     if not (use and kernel.supports(local_rows, g.shape[2] // counts[2], g.dtype, hidden_act)):
         return kernel.activation_grad_reference(g, u, dh_base, dha, a_down, hidden_act)

@@ -41,9 +41,10 @@ def gated_activation(gate: jax.Array, up: jax.Array, hidden_act: str) -> jax.Arr
     return (REFERENCE[hidden_act](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def gated_mlp(x_btd: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array:
-    """The MLP block's output `[B, T, D]` in `dtype` for its normed input `x_btd`."""
-    for impl in _FUSED:
+def gated_mlp(x_btd: jax.Array, mlp: dict, hidden_act: str, dtype, *, fused: bool = True) -> jax.Array:
+    """The MLP block's output `[B, T, D]` in `dtype` for its normed input `x_btd`; `fused=False`
+    skips the registered fused versions (the per-projection form, for comparisons)."""
+    for impl in _FUSED if fused else ():
         out = impl(x_btd, mlp, hidden_act, dtype)
         if out is not None:
             return out
