@@ -49,7 +49,7 @@ from flax import struct, traverse_util
 
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import dense, linear, register_linear
+from jaxtune.model.linear import concat_kernels, dense, linear, register_concat, register_linear
 from jaxtune.model.mlp import MLP, register_fused_mlp
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
@@ -186,6 +186,31 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
 
 
 register_linear(LoRA, _lora_linear)
+
+
+def _concat_lora(leaves: list[LoRA], in_ndim: int, out_shapes: list[tuple[int, ...]]) -> LoRA | None:
+    """LoRA leaves side by side as one (`concat_outputs`, for the grouped q/k/v projection): bases
+    concatenated, A's side by side `[*in, Σr]`, B's block-diagonal `[Σr, *lead, Σout]`, so that
+    `(x@[A₁|A₂])@diag(B₁, B₂) = [x@A₁@B₁ | x@A₂@B₂]` exactly. Plain LoRA over dense bases with one
+    scale only; None for DoRA, quantised bases, or dropout (each adapter draws its own mask)."""
+    first = leaves[0]
+    if any(w.magnitude is not None or (w.dropout_key is not None and w.dropout > 0.0)
+           or not isinstance(w.base, (jax.Array, np.ndarray)) or w.scale != first.scale for w in leaves):
+        return None
+    if len({w.base.dtype for w in leaves}) != 1 or len({w.b.dtype for w in leaves}) != 1:
+        return None
+    widths = [s[-1] for s in out_shapes]
+    blocks = []
+    for i, (w, shape) in enumerate(zip(leaves, out_shapes)):
+        b = w.b.reshape(w.b.shape[:1] + tuple(shape))
+        pad = [(0, 0)] * (b.ndim - 1) + [(sum(widths[:i]), sum(widths[i + 1:]))]
+        blocks.append(jnp.pad(b, pad))
+    return LoRA(base=concat_kernels([w.base for w in leaves], in_ndim, out_shapes),
+                a=jnp.concatenate([w.a for w in leaves], axis=-1), b=jnp.concatenate(blocks, axis=0),
+                magnitude=None, dropout_key=None, scale=first.scale, dropout=first.dropout)
+
+
+register_concat(LoRA, _concat_lora)
 
 
 def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:

@@ -61,13 +61,14 @@ class BlockSizes:
     `block_q_dkv`/`block_kv_dkv`: dK/dV kernel (queries per step, keys per program).
     `block_q_dq`/`block_kv_dq`: dQ kernel (queries per program, keys per step).
     All must be powers of two >= 16; they shrink automatically for short sequences.
-    `dkv_per_query_head` (GQA/MQA only): one dK/dV program per *query* head, writing float32
-    partials that are summed over each kv head's group afterwards, instead of one program per kv
-    head looping over its group. G times the programs, each G times shorter (better balance when
-    B·KH·Skv/block_kv is small against the GPU's SMs), for an extra [B, Skv, H, D] float32 write
-    and read of dK and dV. On an H200 (RESULTS.md, 2026-11-30) fwd+bwd went 1.27 → 1.04 ms at the
-    1B training shape (B4 S2048 H32/KH8 D64) and 1.69 → 1.54 ms at the 8B one (B1 S4096 H32/KH8
-    D128), and was level at B4 S4096 H32/KH8 D128, so it is on by default; no effect without GQA.
+    `dkv_per_query_head` (GQA/MQA only): one dK/dV program per *query* head, writing partials
+    (float32 with `dkv_partials_f32`, else in the inputs' dtype) that are summed over each kv
+    head's group afterwards, instead of one program per kv head looping over its group. G times
+    the programs, each G times shorter (better balance when B·KH·Skv/block_kv is small against
+    the GPU's SMs), for an extra [B, Skv, H, D] write and read of dK and dV. On an H200
+    (RESULTS.md, 2026-11-30) fwd+bwd went 1.27 → 1.04 ms at the 1B training shape (B4 S2048
+    H32/KH8 D64) and 1.69 → 1.54 ms at the 8B one (B1 S4096 H32/KH8 D128), and was level at B4
+    S4096 H32/KH8 D128, so it is on by default; no effect without GQA.
     """
 
     block_q: int = 128
@@ -83,6 +84,11 @@ class BlockSizes:
     num_warps_dq: int = 8
     num_stages_dq: int = 3
     dkv_per_query_head: bool = True
+    # The per-query-head partials in float32 (True) or in the inputs' dtype, as FlashAttention-2
+    # does for GQA: half the partials' traffic, each partial rounded once before the float32 sum.
+    # On an H200 fwd+bwd 0.914 -> 0.867 ms at the 1B shape, level at the 8B one (1.301 / 1.311),
+    # grads as close to ours-in-float32 as cuDNN's are (2.7e-3 relative; RESULTS.md, tenth round).
+    dkv_partials_f32: bool = False
     # Grid order of the two backward kernels: heads along the fastest axis (the programs in flight
     # work on the same query/key block of neighbouring heads: equal work under a causal mask, the
     # same K/V with GQA) rather than blocks. On an H200 fwd+bwd went 1.014 -> 0.949 ms at the 1B
@@ -701,7 +707,7 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         rowfull = pl.BlockSpec((None, None, 1, sq), lambda j, hh, bb: (bb, hh // group, hh % group, 0))
         kvblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh // group, 0))
         outblk = pl.BlockSpec((None, bk, None, d), lambda j, hh, bb: (bb, j, hh, 0))
-        out_shape = jax.ShapeDtypeStruct((b, skv, h, d), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((b, skv, h, d), jnp.float32 if st.blocks.dkv_partials_f32 else k.dtype)
         heads = h
     else:
         g_in = group
@@ -755,8 +761,8 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         kv_seg,
     )
     if per_query_head:
-        dk = dk.reshape(b, skv, kh, group, d).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(b, skv, kh, group, d).sum(axis=3).astype(v.dtype)
+        dk = dk.reshape(b, skv, kh, group, d).sum(axis=3, dtype=jnp.float32).astype(k.dtype)
+        dv = dv.reshape(b, skv, kh, group, d).sum(axis=3, dtype=jnp.float32).astype(v.dtype)
     return dk, dv
 
 

@@ -176,8 +176,10 @@ def assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward: str
         sharded = jax.jit(jax.value_and_grad(loss))(jax.device_put(adapted, shardings))
     plain = jax.jit(jax.value_and_grad(loss))(adapted)
     np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
+    # float32 sums split over devices round differently: ≈ 1e-5 relative at most on these tiny
+    # projections (a sharding error is of the order of the values themselves).
     for got, want in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
-        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+        assert np.linalg.norm(got - want) <= 3e-5 * np.linalg.norm(want)
 
 
 def test_zero_b_leaves_the_model_unchanged(params):
@@ -334,8 +336,9 @@ def test_dropout_is_on_the_adapter_input_only_and_keyed_per_layer(params):
     adapted = lora.apply(params, cfg, CFG, jax.random.key(0))
     batch = ids()
     # B = 0: dropout on the adapter path cannot change anything, so the base path is not dropped
+    # (float32 rounding only: with dropout q/k/v are projected one by one, without it as one matmul)
     keyed = lora.with_dropout_keys(adapted, jax.random.key(7))
-    np.testing.assert_allclose(run(keyed, batch), run(params, batch), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run(keyed, batch), run(params, batch), rtol=1e-5, atol=1e-5)
 
     adapted = randomize_adapters(adapted)
     clean = np.asarray(run(adapted, batch))

@@ -16,11 +16,43 @@ import numpy as np
 
 LinearImpl = Callable[..., jax.Array]
 _IMPLS: dict[type, LinearImpl] = {}
+ConcatImpl = Callable[[list, int, list], object]
+_CONCATS: dict[type, ConcatImpl] = {}
 
 
 def register_linear(leaf_type: type, impl: LinearImpl) -> None:
     """Make `linear` call `impl(x, w, spec, dtype)` (float32 or `dtype` result) for `leaf_type` weights."""
     _IMPLS[leaf_type] = impl
+
+
+def register_concat(leaf_type: type, impl: ConcatImpl) -> None:
+    """Make `concat_outputs` call `impl(leaves, in_ndim, out_shapes)` for leaves of `leaf_type`; it
+    returns one leaf or None where it cannot (e.g. per-leaf dropout that one leaf cannot hold)."""
+    _CONCATS[leaf_type] = impl
+
+
+def concat_outputs(leaves: list, in_ndim: int, out_shapes: list[tuple[int, ...]]):
+    """One weight leaf whose product is the leaves' products side by side, or None.
+
+    Each leaf is a kernel `[*in, *out_i]` with `in_ndim` input dims; its output dims are reshaped
+    to `out_shapes[i]` (all with the same leading dims) and the results concatenated along the
+    last one. None when the leaves differ in type or their type cannot be concatenated, and the
+    caller then projects by each leaf on its own.
+    """
+    if all(isinstance(w, (jax.Array, np.ndarray)) for w in leaves):
+        if len({w.dtype for w in leaves}) != 1:
+            return None
+        return concat_kernels(leaves, in_ndim, out_shapes)
+    kinds = {type(w) for w in leaves}
+    if len(kinds) != 1:
+        return None
+    impl = _CONCATS.get(kinds.pop())
+    return None if impl is None else impl(leaves, in_ndim, out_shapes)
+
+
+def concat_kernels(kernels: list, in_ndim: int, out_shapes: list[tuple[int, ...]]) -> jax.Array:
+    """Plain kernels `[*in, *out_i]` reshaped to `[*in, *out_shapes[i]]`, concatenated on the last axis."""
+    return jnp.concatenate([w.reshape(w.shape[:in_ndim] + tuple(s)) for w, s in zip(kernels, out_shapes)], axis=-1)
 
 
 def dense(x: jax.Array, kernel: jax.Array, spec: str, dtype, out_dtype=jnp.float32) -> jax.Array:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -84,10 +85,33 @@ def rope_cos_sin(rope: RopeConfig, head_dim: int, positions_bt: jnp.ndarray) -> 
     return jnp.cos(angles_btd) * attention_factor, jnp.sin(angles_btd) * attention_factor
 
 
+@jax.custom_vjp
 def apply_rope(x_btnh: jnp.ndarray, cos_bth: jnp.ndarray, sin_bth: jnp.ndarray) -> jnp.ndarray:
-    """Rotate `[B, T, N, hd]` by the angles; HF's half-split layout (rotate_half), not interleaved."""
+    """Rotate `[B, T, N, hd]` by the angles; HF's half-split layout (rotate_half), not interleaved.
+
+    cos and sin must be as `rope_cos_sin` gives them (each half of the last dim the same): the
+    backward relies on it, rotating the gradient back by −angle (`x·cos − rotate_half(x)·sin`)
+    as one elementwise pass where autodiff of the slices and concatenation took two and a half
+    times as long (a pad-and-add fusion, 40 µs against 24 for the forward on the 1B step's q).
+    No gradient reaches cos and sin (positions are integers)."""
+    return _rotate(x_btnh, cos_bth, sin_bth)
+
+
+def _rotate(x_btnh, cos_bth, sin_bth):
     half = x_btnh.shape[-1] // 2
     x1, x2 = x_btnh[..., :half], x_btnh[..., half:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
     return (x_btnh * cos + rotated * sin).astype(x_btnh.dtype)
+
+
+def _apply_rope_fwd(x_btnh, cos_bth, sin_bth):
+    return _rotate(x_btnh, cos_bth, sin_bth), (cos_bth, sin_bth)
+
+
+def _apply_rope_bwd(residuals, dy_btnh):
+    cos_bth, sin_bth = residuals
+    return _rotate(dy_btnh, cos_bth, -sin_bth), jnp.zeros_like(cos_bth), jnp.zeros_like(sin_bth)
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)

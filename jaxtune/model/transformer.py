@@ -23,6 +23,7 @@ from jaxtune.model.config import ModelConfig
 from jaxtune.model.layer_list import has_split_layers, per_layer
 from jaxtune.model.linear import dense, linear
 from jaxtune.model.mlp import gated_mlp
+from jaxtune.model.qkv import qkv_projection
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
 
@@ -79,9 +80,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     """
     attn, mlp = layer["self_attn"], layer["mlp"]
     x_btd = rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q_btnh = linear(x_btd, attn["q_proj"]["kernel"], "btd,dnh->btnh", dtype, _bias(attn["q_proj"]))
-    k_btkh = linear(x_btd, attn["k_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["k_proj"]))
-    v_btkh = linear(x_btd, attn["v_proj"]["kernel"], "btd,dkh->btkh", dtype, _bias(attn["v_proj"]))
+    q_btnh, k_btkh, v_btkh = qkv_projection(x_btd, attn, cfg, dtype)
     if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
         q_btnh = rms_norm(q_btnh, attn["q_norm"]["scale"], cfg.rms_norm_eps)
         k_btkh = rms_norm(k_btkh, attn["k_norm"]["scale"], cfg.rms_norm_eps)
