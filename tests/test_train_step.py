@@ -1,5 +1,7 @@
 """The train step: accumulation equals one big batch, the chunked loss equals the plain one."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,62 @@ def test_fused_cross_entropy_gradient_equals_autodiff(lm_head_trained):
     for g, w_ in zip(got, want):
         np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-6)
     assert str(jaxpr).count("dot_general") == (3 if lm_head_trained else 2)
+
+
+def test_fused_cross_entropy_exponentiates_each_chunks_logits_once():
+    """With the vocabulary on one device, the fused loss's forward takes exp of a chunk's logits in
+    one pass that also sums them (the gradient is that pass's output, rescaled on the [tokens, D]
+    side), not in logsumexp's pass and again in the gradient's; no vocabulary-wide one-hot."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(keys[0], (2, 10, 8))
+    w = jax.random.normal(keys[1], (8, 29))
+    targets = jax.random.randint(keys[2], (2, 10), 0, 29)
+    grad = jax.grad(lambda h, w: cross_entropy_sum(h, w, targets, chunk_tokens=5)[0], argnums=(0, 1))
+    text = str(jax.make_jaxpr(grad)(h, w))
+    vocab_wide = r"\[\d+,\d+,29\] = "
+    assert len(re.findall(vocab_wide + "exp ", text)) == 1
+    assert len(re.findall(vocab_wide + "(eq|iota) ", text)) == 0
+
+
+def test_fused_cross_entropy_keeps_small_target_gradients_of_confident_bf16_predictions():
+    """p − 1 at a target predicted with p ≈ 0.999 is formed in float32 before rounding to bf16
+    (rounding p first would give 0 or −0.0039): the bf16 gradient stays within bf16 rounding of
+    the float32 one."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    targets = jax.random.randint(keys[0], (2, 16), 0, 61)
+    # logit ≈ 10 for the target, ≈ 0 elsewhere: p(target) ≈ e¹⁰ / (e¹⁰ + 60) ≈ 0.997
+    h = (jax.nn.one_hot(targets, 64) + 0.05 * jax.random.normal(keys[1], (2, 16, 64))).astype(jnp.bfloat16)
+    w = (10.0 * jnp.eye(64, 61) + 0.05 * jax.random.normal(keys[2], (64, 61))).astype(jnp.bfloat16)
+
+    def grad(dtype):
+        loss = lambda h: cross_entropy_sum(h.astype(dtype), w.astype(dtype), targets, chunk_tokens=8)[0]
+        return np.asarray(jax.grad(loss)(h.astype(dtype)), np.float32)
+
+    logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h.astype(jnp.float32), w.astype(jnp.float32)))
+    p_target = np.exp(np.asarray(jnp.take_along_axis(logp, targets[..., None], -1)))
+    assert np.median(p_target) > 0.99
+    g32, g16 = grad(jnp.float32), grad(jnp.bfloat16)
+    assert np.linalg.norm(g16 - g32) <= 2e-2 * np.linalg.norm(g32)
+
+
+def test_rms_norm_output_is_one_array_in_the_forward_and_fences_nothing_in_the_backward():
+    """The norm's scaled output passes an optimization barrier in the forward pass (so XLA writes
+    it once rather than the unscaled array plus a `* scale` per consumer); its gradient does not
+    (the consumers' input gradients stay fusable into the norm's backward). Same values either way."""
+    from jaxtune.model.transformer import rms_norm
+
+    x = jax.random.normal(jax.random.key(3), (2, 5, 16))
+    scale = jnp.linspace(0.5, 1.5, 16)
+    plain = lambda x, s: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s
+    forward = str(jax.make_jaxpr(lambda x: rms_norm(x, scale, 1e-6))(x))
+    assert forward.count("optimization_barrier") == 1
+    loss = lambda fn: lambda x, s: jnp.sum(jnp.sin(fn(x, s)))
+    backward = str(jax.make_jaxpr(jax.grad(loss(lambda x, s: rms_norm(x, s, 1e-6)), argnums=(0, 1)))(x, scale))
+    assert backward.count("optimization_barrier") == 1  # the forward's, not one on the gradient
+    got = jax.grad(loss(lambda x, s: rms_norm(x, s, 1e-6)), argnums=(0, 1))(x, scale)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, scale)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_layers_keep_no_float32_activations_for_the_backward(capsys):

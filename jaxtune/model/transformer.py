@@ -58,12 +58,28 @@ KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
 # kept and the backward recomputes the elementwise ops (same arithmetic, same gradients).
 
 
+@jax.custom_vjp
+def _materialised(x: jax.Array) -> jax.Array:
+    """x, written out as one array in the forward pass; its gradient passes through untouched.
+
+    For the norm's scaled output: left alone, XLA wrote the unscaled normed array and let each
+    consumer redo the `* scale`, and where a consumer cannot take the multiply in (cuBLAS's q/k/v
+    matmul) that is one more [tokens, D] pass (21 µs per layer on the 1B LoRA step, H200,
+    benchmarks/RESULTS.md). A plain `optimization_barrier` would also fence the gradient, and the
+    sum of the q/k/v input gradients would then be written out before the norm's backward.
+    """
+    return jax.lax.optimization_barrier(x)
+
+
+_materialised.defvjp(lambda x: (jax.lax.optimization_barrier(x), None), lambda _, g: (g,))
+
+
 @functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, cast back to x's dtype before the scale (as HF does)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(x.dtype) * scale.astype(x.dtype)
+    return _materialised(normed.astype(x.dtype) * scale.astype(x.dtype))
 
 
 def _bias(module: dict) -> jax.Array | None:

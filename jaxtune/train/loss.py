@@ -136,21 +136,63 @@ def _fused_loss_fwd(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
     def body(carry, xs):
         loss, count, dw_dv = carry
         h_bkd, targets_bk = xs
-        logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split,
-                                                                                   logits_dtype)
-        probs_bkv = jnp.exp(logits_bkv - lse_bk[..., None])
-        vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
-        dlogits_bkv = jnp.where(valid_bk[..., None], probs_bkv - (vocab_v == safe_bk[..., None]), 0.0)
-        dlogits_bkv = dlogits_bkv.astype(h_bkd.dtype)
-        dh_bkd = jnp.einsum("bkv,dv->bkd", dlogits_bkv, w_dv, preferred_element_type=jnp.float32)
+        grad_terms = _split_vocab_logits_grad if vocab_split else _scaled_logits_grad
+        g_bkv, row_scale_bk, lse_bk, target_logit_bk, valid_bk = grad_terms(h_bkd, w_dv, targets_bk, logits_dtype)
+        dh_bkd = jnp.einsum("bkv,dv->bkd", g_bkv, w_dv, preferred_element_type=jnp.float32) * row_scale_bk[..., None]
+        h_scaled_bkd = (h_bkd * row_scale_bk[..., None]).astype(h_bkd.dtype)
         if want_dw:
-            dw_dv = dw_dv + jnp.einsum("bkd,bkv->dv", h_bkd, dlogits_bkv, preferred_element_type=jnp.float32)
+            dw_dv = dw_dv + jnp.einsum("bkd,bkv->dv", h_scaled_bkd, g_bkv, preferred_element_type=jnp.float32)
         chunk_loss, chunk_count = _loss_and_count(lse_bk, target_logit_bk, valid_bk)
         return (loss + chunk_loss, count + chunk_count, dw_dv), dh_bkd.astype(h_bkd.dtype)
 
     dw0 = jnp.zeros(w_dv.shape, jnp.float32) if want_dw else None
     (loss_sum, count, dw_dv), dh_nbkd = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0), dw0), (h_nbkd, targets_nbk))
     return (loss_sum, count), (dh_nbkd, dw_dv)
+
+
+def _split_vocab_logits_grad(h_bkd, w_dv, targets_bk, logits_dtype):
+    """`_scaled_logits_grad`'s terms with the vocabulary split over devices: g = softmax −
+    one_hot(target) itself (row scale 1, 0 for IGNORE targets), the one-hot by comparison with each
+    device's vocabulary indices (a scatter into a sharded vocabulary would gather it)."""
+    logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, True, logits_dtype)
+    vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
+    g_bkv = jnp.exp(logits_bkv - lse_bk[..., None]) - (vocab_v == safe_bk[..., None])
+    return g_bkv.astype(h_bkd.dtype), valid_bk.astype(jnp.float32), lse_bk, target_logit_bk, valid_bk
+
+
+def _scaled_logits_grad(h_bkd, w_dv, targets_bk, logits_dtype):
+    """A chunk's d(loss)/d(logits) as `row_scale · g` (g in h's dtype, row_scale float32 per token),
+    with its log-sum-exp, target logits and validity mask.
+
+    softmax − one_hot(target) = (e − s·one_hot) / s, with e = exp(logits − max) and s = Σ e. The
+    pass that sums e also writes it, and e − s (float32, then rounded) replaces e at the target.
+    `jax.nn.logsumexp` and a separate gradient pass read the logits three times (1B LoRA step,
+    H200: 68 + 81 + 185 µs per 1024-token chunk at a 128k vocabulary); this reads them twice
+    (68 + 136 µs, benchmarks/RESULTS.md). The 1/s (0 for IGNORE targets) goes onto the
+    [tokens, D] side of the matmuls that consume g: dh = (g·Wᵀ)/s, dW = (h/s)ᵀ·g.
+    """
+    logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=logits_dtype).astype(jnp.float32)
+    valid_bk = targets_bk != IGNORE
+    safe_bk = jnp.where(valid_bk, targets_bk, 0)
+    target_logit_bk = jnp.take_along_axis(logits_bkv, safe_bk[..., None], axis=-1)[..., 0]
+    max_bk = jnp.max(logits_bkv, axis=-1)
+    e_bkv = jnp.exp(logits_bkv - max_bk[..., None])
+    sum_bk = jnp.sum(e_bkv, axis=-1)
+    target_g_bk = (jnp.exp(target_logit_bk - max_bk) - sum_bk).astype(h_bkd.dtype)
+    g_bkv = _set_at_targets(e_bkv.astype(h_bkd.dtype), safe_bk, target_g_bk)
+    row_scale_bk = jnp.where(valid_bk, 1.0 / sum_bk, 0.0)
+    return g_bkv, row_scale_bk, max_bk + jnp.log(sum_bk), target_logit_bk, valid_bk
+
+
+def _set_at_targets(x_bkv, targets_bk, values_bk):
+    """x with x[b, k, targets[b, k]] = values[b, k]: a scatter whose token dimensions are batch
+    dimensions, so that the partitioner keeps it on each device's tokens (the full-index form that
+    `.at[]` and `put_along_axis` build gathered the indices across devices)."""
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(2,),
+                                           scatter_dims_to_operand_dims=(2,), operand_batching_dims=(0, 1),
+                                           scatter_indices_batching_dims=(0, 1))
+    return jax.lax.scatter(x_bkv, targets_bk[..., None], values_bk, dims, indices_are_sorted=True,
+                           unique_indices=True, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def _fused_loss_bwd(vocab_split, logits_dtype, residuals, cotangents):
