@@ -11,7 +11,8 @@ device time, and calls per step; XLA names fusions after their roots (e.g. `loop
 With the step's optimized HLO (`--hlo`, or an `*after_optimizations.txt` under TRACE_DIR) it also
 sums time by what each kernel computes: its HLO instruction's result shape and the JAX operation
 it came from (e.g. `transpose(jvp(btd,df->btf))/dot_general`: the input gradient of the gate/up
-projections). Kernels name their HLO instruction only when XLA runs them outside command buffers
+projections). It also reports how long no stream ran any kernel (`idle_time`), and after and
+before which kernels. Kernels name their HLO instruction only when XLA runs them outside command buffers
 (CUDA graphs): profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (train_throughput.py's
 `--profile` sets it, and dumps the HLO next to the trace).
 """
@@ -67,6 +68,10 @@ def hlo_instructions(hlo_text: str) -> dict[str, str]:
     return lines
 
 
+def _kind(name: str) -> str:
+    return re.sub(r"[._]\d+$", "", name)[:60]  # fusion.12 and fusion.13 are one kind of kernel
+
+
 def by_operation(events: list[dict], hlo_text: str, steps: int, top: int) -> str:
     """Device time by (kernel, HLO result shape, JAX operation), heaviest first."""
     instructions = hlo_instructions(hlo_text)
@@ -79,7 +84,7 @@ def by_operation(events: list[dict], hlo_text: str, steps: int, top: int) -> str
         name = re.search(r'op_name="([^"]*)"', line)
         name = re.sub(r"jit\([^)]*\)/|while/body/|eval_jaxpr/", "", name.group(1)) if name else op
         shape = re.sub(r"\{[^}]*\}|^\(|,$", "", line.split(" ")[0])[:48]  # a tuple's first element
-        key = (re.sub(r"[._]\d+$", "", e["name"])[:48], shape, name[-90:])
+        key = (_kind(e["name"])[:48], shape, name[-90:])
         totals[key] += e["dur"]
         counts[key] += 1
     if not totals:
@@ -89,6 +94,39 @@ def by_operation(events: list[dict], hlo_text: str, steps: int, top: int) -> str
     for (kernel, shape, name), us in totals.most_common(top):
         n = counts[(kernel, shape, name)]
         lines.append(f"| {us / 1e3 / steps:.2f} | {n / steps:.0f} | {us / n:.1f} | `{kernel}` | `{shape}` | `{name}` |")
+    return "\n".join(lines)
+
+
+def idle_time(events: list[dict], steps: int, top: int = 12) -> str:
+    """When no stream runs a kernel: the trace's span per step against its busy time (the union of
+    the kernels' intervals over all streams), and the idle gaps summed by the kernels around them.
+
+    The span includes what the device waited for between kernels (launches from the host, loop
+    conditions read back by the host, synchronisation); kernel sums alone do not show it.
+    """
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events)
+    if not spans:
+        return "(no kernels in the trace)"
+    gaps, count = collections.Counter(), collections.Counter()
+    busy = 0.0
+    start, end, last = spans[0]
+    for s_ts, s_end, name in spans[1:]:
+        if s_ts > end:
+            busy += end - start
+            key = (_kind(last), _kind(name))
+            gaps[key] += s_ts - end
+            count[key] += 1
+            start = s_ts
+        if s_end > end:
+            end, last = s_end, name
+    busy += end - start
+    window = end - spans[0][0]
+    lines = [f"trace span {window / 1e3 / steps:.2f} ms per step, kernels busy {busy / 1e3 / steps:.2f}, "
+             f"idle {(window - busy) / 1e3 / steps:.2f} ({(window - busy) / window:.1%})",
+             "| idle ms/step | gaps/step | µs/gap | after kernel | before kernel |", "| ---: | ---: | ---: | --- | --- |"]
+    for (after, before), us in gaps.most_common(top):
+        n = count[(after, before)]
+        lines.append(f"| {us / 1e3 / steps:.3f} | {n / steps:.0f} | {us / n:.1f} | `{after}` | `{before}` |")
     return "\n".join(lines)
 
 
@@ -113,6 +151,7 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 30, hlo_path: str | Non
     lines += ["", "| kernel | ms/step | share | calls/step |", "| --- | ---: | ---: | ---: |"]
     for name, us in totals.most_common(top):
         lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / device_us:.1%} | {counts[name] / steps:.0f} |")
+    lines += ["", idle_time(events, steps)]
     if hlo_path:
         with open(hlo_path) as f:
             lines += ["", by_operation(events, f.read(), steps, top)]

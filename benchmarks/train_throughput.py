@@ -444,6 +444,10 @@ def main() -> None:
                              "as the trainer's scan_layers: false)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels "
                         "and what they compute (HLO dumped there; command buffers off for the jaxtune side)")
+    parser.add_argument("--profile-graphs", action="store_true",
+                        help="with --profile: keep XLA's command buffers (CUDA graphs) on, as in a normal run, so "
+                             "that the idle time between kernels is the real one (kernels then do not name their "
+                             "HLO instructions)")
     parser.add_argument("--aot", action="store_true",
                         help="jaxtune: only compile each mesh's step from abstract arrays and print its per-device "
                              "memory estimate and collectives (runs on CPU devices too)")
@@ -491,8 +495,9 @@ def main() -> None:
                     env = dict(os.environ)
                     if args.profile and side == "jaxtune":  # kernels named after their HLO ops, and the HLO
                         hlo_dir = os.path.join(args.profile, f"{name}-{case.seq}-{mesh}", "hlo")
-                        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_gpu_enable_command_buffer=",
-                                                     f"--xla_dump_to={hlo_dir}", "--xla_dump_hlo_module_re=jit_train_step"])
+                        graphs = [] if args.profile_graphs else ["--xla_gpu_enable_command_buffer="]
+                        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *graphs, f"--xla_dump_to={hlo_dir}",
+                                                     "--xla_dump_hlo_module_re=jit_train_step"])
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     print("\n".join(l for l in proc.stdout.splitlines() if l.startswith(("|", "device time"))))
                     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

@@ -113,3 +113,16 @@ def test_profile_time_by_operation_from_the_hlo():
     assert rows[0] == ("| 0.36 | 1 | 362.0 | `nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT` | `bf16[8192,8192]` "
                        "| `jvp(btd,df->btf)/dot_general` |")
     assert rows[1].endswith("| `input_reduce_fusion` | `f32[4,2048]` | `reduce_sum` |") and len(rows) == 2
+
+
+def test_profile_idle_time_between_kernels():
+    # Busy time is the union over streams; a gap counts only when no stream runs anything.
+    summary = _load("profile_summary")
+    events = [dict(name="fusion.1", ts=0.0, dur=10.0), dict(name="gemm.2", ts=5.0, dur=10.0),  # overlap: busy 0-15
+              dict(name="loop_add_fusion.3", ts=40.0, dur=10.0),  # gap of 25 after gemm
+              dict(name="fusion.4", ts=52.0, dur=8.0),  # gap of 2 after loop_add_fusion
+              dict(name="gemm.5", ts=85.0, dur=15.0)]  # gap of 25 after fusion
+    text = summary.idle_time(events, steps=2).splitlines()
+    assert text[0] == "trace span 0.05 ms per step, kernels busy 0.02, idle 0.03 (52.0%)"
+    assert text[3] == "| 0.013 | 0 | 25.0 | `gemm` | `loop_add_fusion` |"
+    assert "| 0.001 | 0 | 2.0 | `loop_add_fusion` | `fusion` |" in text
