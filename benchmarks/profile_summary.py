@@ -11,10 +11,12 @@ device time, and calls per step; XLA names fusions after their roots (e.g. `loop
 With the step's optimized HLO (`--hlo`, or an `*after_optimizations.txt` under TRACE_DIR) it also
 sums time by what each kernel computes: its HLO instruction's result shape and the JAX operation
 it came from (e.g. `transpose(jvp(btd,df->btf))/dot_general`: the input gradient of the gate/up
-projections). It also reports how long no stream ran any kernel (`idle_time`), and after and
-before which kernels. Kernels name their HLO instruction only when XLA runs them outside command buffers
+projections). Kernels name their HLO instruction only when XLA runs them outside command buffers
 (CUDA graphs): profile with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (train_throughput.py's
 `--profile` sets it, and dumps the HLO next to the trace).
+
+It also reports how long no stream ran any kernel (`idle_time`), and after and before which
+kernels: with command buffers on (`--profile --profile-graphs`) that is the normal run's idle time.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def idle_time(events: list[dict], steps: int, top: int = 12) -> str:
     window = end - spans[0][0]
     lines = [f"trace span {window / 1e3 / steps:.2f} ms per step, kernels busy {busy / 1e3 / steps:.2f}, "
              f"idle {(window - busy) / 1e3 / steps:.2f} ({(window - busy) / window:.1%})",
-             "| idle ms/step | gaps/step | µs/gap | after kernel | before kernel |", "| ---: | ---: | ---: | --- | --- |"]
+             "| idle ms/step | gaps/step | µs/gap | after kernel | before kernel |",
+             "| ---: | ---: | ---: | --- | --- |"]
     for (after, before), us in gaps.most_common(top):
         n = count[(after, before)]
         lines.append(f"| {us / 1e3 / steps:.3f} | {n / steps:.0f} | {us / n:.1f} | `{after}` | `{before}` |")

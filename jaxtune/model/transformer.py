@@ -53,11 +53,6 @@ RESIDUAL = ("act_batch", "act_length", "act_embed")
 HEADS = ("act_batch", "act_length", "act_heads", None)
 KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
 
-# RMSNorm computes in float32 from bf16 inputs. Differentiated plainly, autodiff would keep its
-# float32 intermediates (x·rsqrt) for the backward pass; under `jax.checkpoint` only the inputs are
-# kept and the backward recomputes the elementwise ops (same arithmetic, same gradients).
-
-
 @jax.custom_vjp
 def _materialised(x: jax.Array) -> jax.Array:
     """x, written out as one array in the forward pass; its gradient passes through untouched.
@@ -72,6 +67,11 @@ def _materialised(x: jax.Array) -> jax.Array:
 
 
 _materialised.defvjp(lambda x: (jax.lax.optimization_barrier(x), None), lambda _, g: (g,))
+
+
+# RMSNorm computes in float32 from bf16 inputs. Differentiated plainly, autodiff would keep its
+# float32 intermediates (x·rsqrt) for the backward pass; under `jax.checkpoint` only the inputs are
+# kept and the backward recomputes the elementwise ops (same arithmetic, same gradients).
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
