@@ -124,6 +124,7 @@ def _fused_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
     the forward also computes dh = dlogits·Wᵀ (and dW += hᵀ·dlogits when the lm_head is being
     trained) and keeps only those: the backward scales them by the incoming cotangent. This saves
     the recomputation of every chunk's logits, one [tokens, D] × [D, vocab] matmul per step.
+    dlogits comes from the pass that sums the softmax's exponentials (`_scaled_logits_grad`).
     Without differentiation (evaluation) only the loss is computed.
     """
     return _chunked_loss(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk)
