@@ -40,17 +40,17 @@ def qkv_projection(x_btd: jax.Array, attn: dict, cfg: ModelConfig, dtype) -> tup
     biases = [attn[n].get("bias") for n in names]
     H, KH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // KH
+    out_shapes = [(KH, G * hd), (KH, hd), (KH, hd)]  # per kv head: its G query heads, its k, its v
     grouped = None
     if GROUPED and len({b is None for b in biases}) == 1:
-        grouped = concat_outputs(kernels, 1, [(KH, G * hd), (KH, hd), (KH, hd)])
+        grouped = concat_outputs(kernels, 1, out_shapes)
     if grouped is None:
         return tuple(linear(x_btd, w, spec, dtype, b) for w, b, spec in
                      zip(kernels, biases, ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh")))
     bias = None
     if biases[0] is not None:
-        bias = jnp.concatenate([b.reshape(s) for b, s in zip(biases, [(KH, G * hd), (KH, hd), (KH, hd)])], axis=-1)
+        bias = jnp.concatenate([b.reshape(s) for b, s in zip(biases, out_shapes)], axis=-1)
     out_btkc = constrain(linear(x_btd, grouped, "btd,dkc->btkc", dtype, bias), KV_GROUPED)
     q_btkc, k_btkh, v_btkh = jnp.split(out_btkc, [G * hd, (G + 1) * hd], axis=-1)
     B, T = x_btd.shape[:2]
     return q_btkc.reshape(B, T, H, hd), k_btkh, v_btkh
-

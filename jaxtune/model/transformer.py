@@ -53,6 +53,7 @@ RESIDUAL = ("act_batch", "act_length", "act_embed")
 HEADS = ("act_batch", "act_length", "act_heads", None)
 KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
 
+
 @jax.custom_vjp
 def _materialised(x: jax.Array) -> jax.Array:
     """x, written out as one array in the forward pass; its gradient passes through untouched.

@@ -81,7 +81,8 @@ def cross_entropy_sum(h_btd: jax.Array, lm_head_dv: jax.Array, targets_bt: jax.A
 
 
 def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool, logits_dtype):
-    """One chunk's float32 logits, their log-sum-exp, the target logits and the validity mask."""
+    """One chunk's float32 logits, the target logits, the validity mask and the targets with
+    IGNORE replaced by 0 (an index that exists)."""
     logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=logits_dtype).astype(jnp.float32)
     valid_bk = targets_bk != IGNORE
     safe_bk = jnp.where(valid_bk, targets_bk, 0)
@@ -90,7 +91,7 @@ def _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split: bool, logits_dtype):
         target_logit_bk = jnp.sum(jnp.where(vocab_v == safe_bk[..., None], logits_bkv, 0.0), axis=-1)
     else:
         target_logit_bk = jnp.take_along_axis(logits_bkv, safe_bk[..., None], axis=-1)[..., 0]
-    return logits_bkv, jax.nn.logsumexp(logits_bkv, axis=-1), target_logit_bk, valid_bk, safe_bk
+    return logits_bkv, target_logit_bk, valid_bk, safe_bk
 
 
 def _loss_and_count(lse_bk, target_logit_bk, valid_bk):
@@ -99,7 +100,8 @@ def _loss_and_count(lse_bk, target_logit_bk, valid_bk):
 
 
 def _chunk_terms(h_bkd, w_dv, targets_bk, vocab_split: bool, logits_dtype):
-    _, lse_bk, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split, logits_dtype)
+    logits_bkv, target_logit_bk, valid_bk, _ = _chunk_logits(h_bkd, w_dv, targets_bk, vocab_split, logits_dtype)
+    lse_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
     return _loss_and_count(lse_bk, target_logit_bk, valid_bk)
 
 
@@ -140,8 +142,8 @@ def _fused_loss_fwd(vocab_split, logits_dtype, h_nbkd, w_dv, targets_nbk):
         grad_terms = _split_vocab_logits_grad if vocab_split else _scaled_logits_grad
         g_bkv, row_scale_bk, lse_bk, target_logit_bk, valid_bk = grad_terms(h_bkd, w_dv, targets_bk, logits_dtype)
         dh_bkd = jnp.einsum("bkv,dv->bkd", g_bkv, w_dv, preferred_element_type=jnp.float32) * row_scale_bk[..., None]
-        h_scaled_bkd = (h_bkd * row_scale_bk[..., None]).astype(h_bkd.dtype)
         if want_dw:
+            h_scaled_bkd = (h_bkd * row_scale_bk[..., None]).astype(h_bkd.dtype)
             dw_dv = dw_dv + jnp.einsum("bkd,bkv->dv", h_scaled_bkd, g_bkv, preferred_element_type=jnp.float32)
         chunk_loss, chunk_count = _loss_and_count(lse_bk, target_logit_bk, valid_bk)
         return (loss + chunk_loss, count + chunk_count, dw_dv), dh_bkd.astype(h_bkd.dtype)
@@ -155,7 +157,8 @@ def _split_vocab_logits_grad(h_bkd, w_dv, targets_bk, logits_dtype):
     """`_scaled_logits_grad`'s terms with the vocabulary split over devices: g = softmax −
     one_hot(target) itself (row scale 1, 0 for IGNORE targets), the one-hot by comparison with each
     device's vocabulary indices (a scatter into a sharded vocabulary would gather it)."""
-    logits_bkv, lse_bk, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, True, logits_dtype)
+    logits_bkv, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, True, logits_dtype)
+    lse_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
     vocab_v = jnp.arange(logits_bkv.shape[-1], dtype=safe_bk.dtype)
     g_bkv = jnp.exp(logits_bkv - lse_bk[..., None]) - (vocab_v == safe_bk[..., None])
     return g_bkv.astype(h_bkd.dtype), valid_bk.astype(jnp.float32), lse_bk, target_logit_bk, valid_bk
@@ -172,10 +175,7 @@ def _scaled_logits_grad(h_bkd, w_dv, targets_bk, logits_dtype):
     (68 + 136 µs, benchmarks/RESULTS.md). The 1/s (0 for IGNORE targets) goes onto the
     [tokens, D] side of the matmuls that consume g: dh = (g·Wᵀ)/s, dW = (h/s)ᵀ·g.
     """
-    logits_bkv = jnp.einsum("bkd,dv->bkv", h_bkd, w_dv, preferred_element_type=logits_dtype).astype(jnp.float32)
-    valid_bk = targets_bk != IGNORE
-    safe_bk = jnp.where(valid_bk, targets_bk, 0)
-    target_logit_bk = jnp.take_along_axis(logits_bkv, safe_bk[..., None], axis=-1)[..., 0]
+    logits_bkv, target_logit_bk, valid_bk, safe_bk = _chunk_logits(h_bkd, w_dv, targets_bk, False, logits_dtype)
     max_bk = jnp.max(logits_bkv, axis=-1)
     e_bkv = jnp.exp(logits_bkv - max_bk[..., None])
     sum_bk = jnp.sum(e_bkv, axis=-1)
