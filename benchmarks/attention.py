@@ -300,6 +300,7 @@ def sweep(b, s, h, kh, d, causal, log):
         lambda q, k, v: fa._fwd_call(q, k, v, None, None, pos, _static(base, causal, sm))
     )(q, k, v)
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1).transpose(0, 2, 1)
+    dlse2 = jnp.zeros_like(lse2)
     for kind, fields in (
         ("fwd", ("block_q", "block_kv", "num_warps_fwd", "num_stages_fwd")),
         ("dkv", ("block_q_dkv", "block_kv_dkv", "num_warps_dkv", "num_stages_dkv")),
@@ -324,11 +325,11 @@ def sweep(b, s, h, kh, d, causal, log):
                 args = (q, k, v, lse2, di, do)
             else:
                 fn = jax.jit(
-                    lambda q, k, v, lse2, di, do, st=st: fa._dq_call(
-                        q, k, v, None, None, pos, lse2, di, do, st
+                    lambda q, k, v, lse2, o, dlse2, do, st=st: fa._dq_call(
+                        q, k, v, None, None, pos, lse2, o, dlse2, do, st
                     )
                 )
-                args = (q, k, v, lse2, di, do)
+                args = (q, k, v, lse2, o, dlse2, do)
             try:
                 t = _time(fn, *args, reps=5, inner=3)
                 log(

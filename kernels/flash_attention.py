@@ -6,9 +6,11 @@ memory. Softmax runs in base 2 (`exp2(x·log2e)`, FlashAttention-2 §3.1) with f
 the log-sum-exp returned to callers is in natural log.
 
 The backward follows FlashAttention-2 §3.2 with the two loops split into two kernels: one program
-per kv block accumulates dK and dV over query blocks (and over the `H // KH` query heads that share
-the kv head, so GQA needs no reduction afterwards), another per query block accumulates dQ. Both
-recompute P from the saved log-sum-exp: no O(S²) memory.
+per kv block accumulates dK and dV over query blocks (by default one program per query head, its
+partials summed over each kv head's group afterwards; `dkv_per_query_head=False` loops over the
+group instead), another per query block accumulates dQ. Both recompute P from the saved
+log-sum-exp: no O(S²) memory. The dQ kernel runs first and also writes FlashAttention-2's
+D = rowsum(O∘dO), which the dK/dV kernel reads.
 
 Which blocks each program visits is decided before the launch (`_schedule`): causal, sliding-window
 and segment masks turn into loop bounds, so fully masked blocks cost nothing (FlashAttention-2
@@ -438,11 +440,13 @@ def _dq_kernel(
     k_ref,
     v_ref,
     do_ref,
+    o_ref,
     lse_ref,
-    delta_ref,
+    dlse_ref,
     qseg_ref,
     kvseg_ref,
     dq_ref,
+    delta_ref,
     *,
     exp2,
     scale_log2,
@@ -459,7 +463,16 @@ def _dq_kernel(
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
-    di = delta_ref[...]
+    # FlashAttention-2's D = rowsum(O∘dO), here where dO is loaded anyway, rather than in a pass
+    # of its own over O and dO before the two kernels (0.5 ms of the 1B LoRA step). lse2 is in
+    # base 2, lse = lse2·ln2, so the natural lse's cotangent dlse2/ln2 folds in:
+    # dS = P∘(dP − (D − dlse)). Rows that saw no key (lse = -inf) have P = 0: their lse is made
+    # finite and their D zero, so a NaN lse cotangent from a careless merge cannot leak into dq/dk/dv.
+    empty = lse == -jnp.inf
+    lse = jnp.where(empty, 0.0, lse)
+    di = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    di = jnp.where(empty, 0.0, di - dlse_ref[...] * (1.0 / _LN2))
+    delta_ref[...] = di
     q_seg = qseg_ref[...] if flags.segmented else None
     rows = i * block_q + jnp.arange(block_q)
 
@@ -766,8 +779,11 @@ def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
     return dk, dv
 
 
-def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
-    """dq: one program per (query block, head, batch), walking kv blocks like the forward."""
+def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, o, dlse2, do, st: _Static):
+    """(dq, D): one program per (query block, head, batch), walking kv blocks like the forward.
+
+    D `[B, H, Sq]` float32 is FlashAttention-2's rowsum(O∘dO) less the lse cotangent (0 on rows
+    that saw no key), computed here for the dK/dV kernel, which runs after this one."""
     b, sq, h, d = q.shape
     _, skv, kh, _ = k.shape
     group = h // kh
@@ -797,6 +813,7 @@ def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
         kvfull,
         kvfull,
         qblk,
+        qblk,
         rowblk,
         rowblk,
     ]
@@ -820,12 +837,12 @@ def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
             reverse=reverse,
             block_axis=int(st.blocks.bwd_heads_fastest),
         ),
-        **_ordered(st.blocks.bwd_heads_fastest, (nq, h, b), in_specs, qblk),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        **_ordered(st.blocks.bwd_heads_fastest, (nq, h, b), in_specs, [qblk, rowblk]),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse2.shape, jnp.float32)],
         compiler_params=_params(st.blocks.num_warps_dq, st.blocks.num_stages_dq),
         interpret=st.interpret,
         name="jaxtune_flash_bwd_dq",
-    )(bounds, q, k, v, do, lse2, di, q_seg, kv_seg)
+    )(bounds, q, k, v, do, o, lse2, dlse2, q_seg, kv_seg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,18 +867,11 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, pos, st):
 def _flash_bwd(st, res, cts):
     q, k, v, q_seg, kv_seg, pos, o, lse2 = res
     do, dlse2 = cts
-    # lse2 is in base 2, lse = lse2·ln2, so the cotangent of the natural lse is dlse2/ln2.
-    # d lse / d s = P, which folds into the FlashAttention-2 D term: dS = P∘(dP − (D − dlse)).
-    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    di = di - dlse2 * (1.0 / _LN2)
-    # Rows that saw no key (lse = -inf) have P = 0 and contribute no gradient. Make their lse
-    # finite (exp2(-inf - lse) = 0 instead of NaN) and their D zero, so that even a NaN lse
-    # cotangent from a careless merge cannot leak into dq/dk/dv.
-    empty = jnp.isneginf(lse2)
-    lse_safe = jnp.where(empty, 0.0, lse2)
-    di = jnp.where(empty, 0.0, di)
+    # The dQ kernel also gives D (and the lse/D treatment of rows that saw no key, which the dK/dV
+    # kernel's lse gets here: exp2(-inf - lse) would be NaN).
+    dq, di = _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, o, dlse2, do, st)
+    lse_safe = jnp.where(jnp.isneginf(lse2), 0.0, lse2)
     dk, dv = _dkv_call(q, k, v, q_seg, kv_seg, pos, lse_safe, di, do, st)
-    dq = _dq_call(q, k, v, q_seg, kv_seg, pos, lse_safe, di, do, st)
     return dq, dk, dv, None, None, None
 
 
