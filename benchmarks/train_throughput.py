@@ -466,6 +466,10 @@ def main() -> None:
 
     if args.worker:
         side, name, seq, mesh = args.worker
+        if side == "jaxtune":  # the XLA options `python -m jaxtune.train` sets, before jax starts its backend
+            from jaxtune.xla_flags import add_gpu_flags
+
+            add_gpu_flags()
         case, shape = resolve(name, int(seq))
         if side == "jaxtune" and args.aot:
             result = compile_ahead_of_time(case, shape, args.steps, parse_mesh(mesh), knobs)

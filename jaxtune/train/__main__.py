@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from jaxtune.config import add_config_args, load_config_from_args, run_entry
+from jaxtune.xla_flags import add_gpu_flags
 
 
 def main(argv=None) -> int:
@@ -13,6 +14,7 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = load_config_from_args(args)
+    add_gpu_flags()  # before jax starts its backend
     from jaxtune.train.run import train  # after argument errors, so --help is instant
 
     train(cfg)
