@@ -61,6 +61,7 @@ def test_ring_devices_checks_and_times_the_ring():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_process_parity")  # one worker runs the shared fixture, once
 def test_two_process_parity_script_agrees(two_process_parity):
     # The run (tests/conftest.py) is shared with tests/test_multiprocess.py, which checks its outputs.
     proc, _ = two_process_parity

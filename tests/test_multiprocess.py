@@ -9,6 +9,7 @@ from test_trainer import losses
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_process_parity")  # one worker runs the shared fixture, once
 def test_two_processes_match_one_process_with_two_devices(two_process_parity):
     # `benchmarks/two_process_parity.py` runs `python -m jaxtune.train` on the quickstart as one
     # process with 2 devices, then as 2 processes of 1 device each, joined through
