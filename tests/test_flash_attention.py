@@ -347,7 +347,6 @@ def test_exp2_choice():
     assert fa_mod._exp2_for(dataclasses.replace(compiled, interpret=True), jnp.bfloat16) is jnp.exp2
 
 
-
 def _jaxprs(jaxpr):
     """`jaxpr` and every jaxpr nested in its equations' params."""
     yield jaxpr
@@ -379,8 +378,8 @@ def test_backward_takes_d_from_the_dq_kernel():
     assert (d.aval.shape, d.aval.dtype) == ((1, 4, 64), jnp.float32)
     # D reaches the dK/dV kernel (through reshapes to its [B, KH, G, S] view), and nothing in the
     # backward multiplies two q-shaped arrays (O∘dO) outside the kernels.
-    reached, dkv_index = {d}, body.eqns.index(dkv_call)
-    for e in body.eqns[body.eqns.index(dq_call) + 1:dkv_index]:
+    reached = {d}
+    for e in body.eqns[body.eqns.index(dq_call) + 1:body.eqns.index(dkv_call)]:
         if e.primitive.name == "reshape" and e.invars[0] in reached:
             reached.add(e.outvars[0])
     assert reached & set(dkv_call.invars)
