@@ -9,7 +9,9 @@ Each side runs in its own process (both frameworks want the whole GPU), on ident
 random-weight Llama-shaped models and random token batches: bf16 compute, AdamW (fused on the
 PyTorch side), LoRA r=16 α=32 on every linear layer, dropout 0, SDPA/cuDNN attention. Prints
 tokens/s, peak device memory (jaxtune: also the step's own bytes by XLA's buffer assignment), MFU,
-compile/first-step time and the jaxtune/PyTorch ratio.
+compile/first-step time and the jaxtune/PyTorch ratio; on an NVIDIA GPU also each side's energy
+per token, average power and mean SM clock over the timed steps (gpu_power.py: the 1B LoRA step
+runs at the board's power limit, so its clock, and with it its speed, depends on the energy used).
 `--meshes` also runs jaxtune on several GPUs (the trainer's sharding and ring attention) and
 prints each mesh's tokens/s per GPU against the first mesh's (scaling efficiency).
 `--tiny` shrinks every case to run on a CPU (a smoke test of both code paths, not a figure).
@@ -24,6 +26,8 @@ import os
 import subprocess
 import sys
 import time
+
+from gpu_power import PowerMeter  # benchmarks/, next to this script
 
 # name → (model shape, seq, micro-batch, adapter, gradient checkpointing)
 SHAPES = {
@@ -255,11 +259,12 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
+    with PowerMeter(nvml=plan.mesh.size == 1 and jax.default_backend() == "gpu") as power:  # one GPU's counter
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
     if profile_dir:  # a few more steps under the profiler, summarised by kernel
         from profile_summary import summarize
 
@@ -273,7 +278,8 @@ def run_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict | None = N
                 peak_gib=peak / 2**30, step_gib=step_gib, compile_s=compile_s, devices=plan.mesh.size, mesh=dict(plan.mesh.shape),
                 seq=case.seq, global_rows=plan.rows, attention=plan.settings.attention,
                 loss=float(metrics["loss"]), frozen_gib=frozen_bytes / 2**30,
-                frozen_bytes_per_param=frozen_bytes / plan.model_cfg.num_params)
+                frozen_bytes_per_param=frozen_bytes / plan.model_cfg.num_params,
+                **power.result(steps, steps * plan.rows * case.seq))
 
 
 def compile_ahead_of_time(case: Case, shape: dict, steps: int, mesh_sizes: dict | None, knobs: JaxtuneKnobs) -> dict:
@@ -384,14 +390,15 @@ def run_torch(case: Case, shape: dict, steps: int) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    seconds = time.perf_counter() - start
+    with PowerMeter(nvml=device == "cuda") as power:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        sync()
+        seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     return dict(tokens_per_second=steps * case.batch * case.seq / seconds, step_ms=1000 * seconds / steps,
-                peak_gib=peak, compile_s=first_s, loss=float(loss))
+                peak_gib=peak, compile_s=first_s, loss=float(loss), **power.result(steps, steps * case.batch * case.seq))
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -524,8 +531,9 @@ def main() -> None:
                         f.write(json.dumps(rows[-1]) + "\n")
 
     print("\n| case | seq | mesh | jaxtune tok/s | step ms | scaling eff. | PyTorch tok/s | ratio | jaxtune GiB/GPU "
-          "| jaxtune step GiB | PyTorch GiB | jaxtune MFU | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| jaxtune step GiB | PyTorch GiB | jaxtune MFU | compile s | mJ/token (jaxtune / PyTorch) "
+          "| SM MHz (jaxtune / PyTorch) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"
     for row in rows:
         j, t = row.get("jaxtune", {}), row.get("torch", {})
@@ -535,7 +543,9 @@ def main() -> None:
               f"| {fmt(j.get('scaling_efficiency'), '.2f')} | {fmt(tt, ',.0f')} | {ratio} "
               f"| {fmt(j.get('peak_gib'), '.1f')} | {fmt(j.get('step_gib'), '.1f')} | {fmt(t.get('peak_gib'), '.1f')} "
               f"| {fmt(j.get('mfu'), '.1%')} "
-              f"| {fmt(j.get('compile_s'), '.1f')} |")
+              f"| {fmt(j.get('compile_s'), '.1f')} "
+              f"| {fmt(j.get('mj_per_token'), '.2f')} / {fmt(t.get('mj_per_token'), '.2f')} "
+              f"| {fmt(j.get('sm_clock_mhz'), '.0f')} / {fmt(t.get('sm_clock_mhz'), '.0f')} |")
 
 
 if __name__ == "__main__":

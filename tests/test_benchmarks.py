@@ -54,6 +54,14 @@ def test_train_throughput_compiles_a_mesh_ahead_of_time():
 
 
 @pytest.mark.slow
+def test_kernel_energy_runs_every_kernel_without_nvml():
+    # The CPU has no NVML: every kernel still runs and is timed, the energy columns say "-".
+    out = run("benchmarks/kernel_energy.py", "--tiny", "--seconds", "0.05")
+    rows = [line for line in out.splitlines() if line.startswith(("| GEMM", "| elementwise", "| flash"))]
+    assert len(rows) == 5 and all(row.endswith("| - | - | - |") for row in rows), out
+
+
+@pytest.mark.slow
 def test_ring_devices_checks_and_times_the_ring():
     out = run("benchmarks/ring_devices.py", "--tiny", "--devices", "2")
     assert "check: ring vs one-device flash" in out
@@ -127,3 +135,59 @@ def test_profile_idle_time_between_kernels():
     assert text[0] == "trace span 0.05 ms per step, kernels busy 0.02, idle 0.03 (52.0%)"
     assert text[3] == "| 0.013 | 0 | 25.0 | `gemm` | `loop_add_fusion` |"
     assert "| 0.001 | 0 | 2.0 | `loop_add_fusion` | `fusion` |" in text
+
+
+class _FakeNvmlLib:
+    """libnvidia-ml's calls as gpu_power makes them (ctypes out-parameters), on scripted values.
+    Only the pre-535 name of the clock-reasons query, as older drivers have."""
+
+    def __init__(self, energies, clocks, reasons):
+        self.energies, self.clocks, self.reasons = iter(energies), iter(clocks), iter(reasons)
+
+    def nvmlInit_v2(self):
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, device):
+        return 0
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, device, out):
+        out._obj.value = next(self.energies)
+        return 0
+
+    def nvmlDeviceGetClockInfo(self, device, clock_type, out):
+        assert clock_type == 1  # NVML_CLOCK_SM
+        out._obj.value = next(self.clocks)
+        return 0
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, device, out):
+        out._obj.value = next(self.reasons)
+        return 0
+
+
+def test_power_meter_reports_energy_per_token_clock_and_capping():
+    # Energy is the counter's difference over the block (mJ); clock and throttle reasons are the
+    # samples' mean and shares. Two samples here (entry and exit; the thread's interval is long).
+    power = _load("gpu_power")
+    lib = _FakeNvmlLib(energies=[10_000, 10_000 + 6_400], clocks=[1500, 1700], reasons=[0x4, 0x0])
+    times = iter([100.0, 100.01])
+    with power.PowerMeter(nvml=power.Nvml(lib), interval=60.0, clock=lambda: next(times)) as meter:
+        pass
+    r = meter.result(steps=4, tokens=8192)
+    assert r["joules_per_step"] == pytest.approx(1.6) and r["mj_per_token"] == pytest.approx(6400 / 8192)
+    assert r["avg_power_w"] == pytest.approx(640.0) and r["sm_clock_mhz"] == 1600
+    assert r["power_capped"] == 0.5 and r["thermal_throttled"] == 0.0
+
+
+def test_power_meter_measures_nothing_without_nvml(monkeypatch):
+    import ctypes
+
+    power = _load("gpu_power")
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert power.Nvml.load() is None
+    with power.PowerMeter() as meter:
+        pass
+    assert meter.result(steps=1, tokens=1) == {}

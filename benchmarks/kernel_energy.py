@@ -1,0 +1,93 @@
+"""Energy per unit of work of the kinds of kernels a training step is made of (issue 9).
+
+    python benchmarks/kernel_energy.py [--seconds 3] [--tiny]
+
+Each kernel runs back to back for `--seconds` after a one-second warm-up (long enough for the
+driver's power limit to settle the clock); NVML's energy counter over the loop gives joules per
+call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B step's gate/up and
+down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
+switches); an elementwise pass over 128 MiB; our flash attention forward+backward at the 1B step's
+shape. Why: at the power limit a step's time follows its energy (benchmarks/RESULTS.md, thirteenth
+round), so what a kernel costs in joules says what removing it gains. `--tiny` runs toy shapes on
+any backend (times only where NVML is absent: a smoke test, not a figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gpu_power import PowerMeter  # benchmarks/, next to this script
+from jaxtune.kernels import flash_attention as fa
+
+
+def measure(name: str, f, args, work: float, unit: str, seconds: float) -> str:
+    """One table row: time per call, throughput, energy per call and per unit, watts, SM clock."""
+    jax.block_until_ready(f(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    batch = max(1, int(0.05 / (time.perf_counter() - start)))  # calls between host syncs (~50 ms)
+
+    def loop(duration: float) -> int:
+        calls, end = 0, time.perf_counter() + duration
+        while time.perf_counter() < end:
+            for _ in range(batch):
+                out = f(*args)
+            jax.block_until_ready(out)
+            calls += batch
+        return calls
+
+    loop(1.0)  # warm-up: the power limit settles the clock
+    with PowerMeter() as meter:
+        start = time.perf_counter()
+        calls = loop(seconds)
+        per_call = (time.perf_counter() - start) / calls
+    power = meter.result(steps=calls, tokens=calls)
+    row = f"| {name} | {per_call * 1e6:.1f} µs | {work / per_call / 1e12:.1f} T{unit}/s "
+    if not power:
+        return row + "| - | - | - |"
+    return (row + f"| {power['joules_per_step'] / work * 1e12:.3g} J/T{unit} | {power['avg_power_w']:.0f} W"
+            + (" (capped)" if power["power_capped"] > 0.5 else "") + f" | {power['sm_clock_mhz']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured loop per kernel")
+    parser.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
+    args = parser.parse_args()
+    tokens, hidden, mlp = (64, 32, 64) if args.tiny else (8192, 2048, 8192)
+    batch, seq, heads, kv_heads, head_dim = (1, 128, 2, 1, 64) if args.tiny else (4, 2048, 32, 8, 64)
+    keys = jax.random.split(jax.random.key(0), 7)
+    rand = lambda i, shape, scale=1.0: jax.random.normal(keys[i], shape, jnp.bfloat16) * scale
+
+    matmul = jax.jit(lambda a, b: a @ b)
+    x, w_up = rand(0, (tokens, hidden)), rand(1, (hidden, mlp), 0.02)
+    h, w_down = rand(2, (tokens, mlp)), rand(3, (mlp, hidden), 0.02)
+    pass_in = rand(4, (64 if not args.tiny else 1, 1024, 1024))
+    q = rand(5, (batch, seq, heads, head_dim))
+    kv = rand(6, (batch, seq, kv_heads, head_dim))
+    attention = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: fa.flash_attention(
+        q, k, v, causal=True, interpret=jax.default_backend() != "gpu"), q, k, v)[1](q))
+    gemm_flops = 2 * tokens * hidden * mlp
+    print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.seconds:g} s per kernel")
+    print("| kernel | time per call | throughput | energy | board power | SM MHz |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = [
+        (f"GEMM [{tokens}, {hidden}] x [{hidden}, {mlp}] bf16, random", matmul, (x, w_up), gemm_flops, "FLOP"),
+        (f"GEMM [{tokens}, {hidden}] x [{hidden}, {mlp}] bf16, zeros", matmul,
+         (jnp.zeros_like(x), jnp.zeros_like(w_up)), gemm_flops, "FLOP"),
+        (f"GEMM [{tokens}, {mlp}] x [{mlp}, {hidden}] bf16, random", matmul, (h, w_down), gemm_flops, "FLOP"),
+        (f"elementwise pass, {pass_in.nbytes >> 20} MiB read + written", jax.jit(lambda a: a * 1.5 + 1.0),
+         (pass_in,), 2 * pass_in.nbytes, "B"),
+        (f"flash attention fwd+bwd B{batch} S{seq} H{heads}/KH{kv_heads} D{head_dim} causal", attention,
+         (q, kv, kv), 3.5 * 4 * batch * heads * seq * seq * head_dim / 2, "FLOP"),
+    ]
+    for name, f, f_args, work, unit in rows:
+        print(measure(name, f, f_args, work, unit, args.seconds), flush=True)
+
+
+if __name__ == "__main__":
+    main()
