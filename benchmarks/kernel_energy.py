@@ -1,8 +1,8 @@
 """Energy per unit of work of the kinds of kernels a training step is made of (issue 9).
 
-    python benchmarks/kernel_energy.py [--seconds 3] [--tiny]
+    python benchmarks/kernel_energy.py [--seconds 3] [--warmup 1] [--tiny]
 
-Each kernel runs back to back for `--seconds` after a one-second warm-up (long enough for the
+Each kernel runs back to back for `--seconds` after `--warmup` seconds (long enough for the
 driver's power limit to settle the clock); NVML's energy counter over the loop gives joules per
 call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B step's gate/up and
 down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
@@ -24,7 +24,7 @@ from gpu_power import PowerMeter  # benchmarks/, next to this script
 from jaxtune.kernels import flash_attention as fa
 
 
-def measure(name: str, f, args, work: float, unit: str, seconds: float) -> str:
+def measure(name: str, f, args, work: float, unit: str, seconds: float, warmup: float) -> str:
     """One table row: time per call, throughput, energy per call and per unit, watts, SM clock."""
     jax.block_until_ready(f(*args))
     start = time.perf_counter()
@@ -40,7 +40,7 @@ def measure(name: str, f, args, work: float, unit: str, seconds: float) -> str:
             calls += batch
         return calls
 
-    loop(1.0)  # warm-up: the power limit settles the clock
+    loop(warmup)  # the power limit settles the clock
     with PowerMeter() as meter:
         start = time.perf_counter()
         calls = loop(seconds)
@@ -56,6 +56,7 @@ def measure(name: str, f, args, work: float, unit: str, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured loop per kernel")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured loop before each kernel's")
     parser.add_argument("--tiny", action="store_true", help="toy shapes (CPU smoke test)")
     args = parser.parse_args()
     tokens, hidden, mlp = (64, 32, 64) if args.tiny else (8192, 2048, 8192)
@@ -86,7 +87,7 @@ def main() -> None:
          (q, kv, kv), 3.5 * 4 * batch * heads * seq * seq * head_dim / 2, "FLOP"),
     ]
     for name, f, f_args, work, unit in rows:
-        print(measure(name, f, f_args, work, unit, args.seconds), flush=True)
+        print(measure(name, f, f_args, work, unit, args.seconds, args.warmup), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The multi-GPU benchmark scripts run end to end on CPU devices (tiny shapes), so a GPU session
 spends its minutes measuring, not debugging. Each script checks its own results where it can:
-ring_devices asserts ring == causal attention, two_process_parity exits 1 on differing losses."""
+ring_devices asserts ring == causal attention. (two_process_parity.py, which exits 1 on differing
+losses, is run by tests/test_multiprocess.py.)"""
 
 import json
 import os
@@ -56,7 +57,7 @@ def test_train_throughput_compiles_a_mesh_ahead_of_time():
 @pytest.mark.slow
 def test_kernel_energy_runs_every_kernel_without_nvml():
     # The CPU has no NVML: every kernel still runs and is timed, the energy columns say "-".
-    out = run("benchmarks/kernel_energy.py", "--tiny", "--seconds", "0.05")
+    out = run("benchmarks/kernel_energy.py", "--tiny", "--seconds", "0.05", "--warmup", "0")
     rows = [line for line in out.splitlines() if line.startswith(("| GEMM", "| elementwise", "| flash"))]
     assert len(rows) == 5 and all(row.endswith("| - | - | - |") for row in rows), out
 
@@ -66,15 +67,6 @@ def test_ring_devices_checks_and_times_the_ring():
     out = run("benchmarks/ring_devices.py", "--tiny", "--devices", "2")
     assert "check: ring vs one-device flash" in out
     assert len([line for line in out.splitlines() if line.startswith("| 128 |")]) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("two_process_parity")  # one worker runs the shared fixture, once
-def test_two_process_parity_script_agrees(two_process_parity):
-    # The run (tests/conftest.py) is shared with tests/test_multiprocess.py, which checks its outputs.
-    proc, _ = two_process_parity
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "steps match: True" in proc.stdout
 
 
 def _load(name):
