@@ -6,9 +6,10 @@ Each kernel runs back to back for `--seconds` after `--warmup` seconds (long eno
 driver's power limit to settle the clock); NVML's energy counter over the loop gives joules per
 call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B step's gate/up and
 down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
-switches); an elementwise pass over 128 MiB; our flash attention forward+backward at the 1B step's
-shape. Why: at the power limit a step's time follows its energy (benchmarks/RESULTS.md, thirteenth
-round), so what a kernel costs in joules says what removing it gains. `--tiny` runs toy shapes on
+switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
+forward+backward, at the 1B step's shape. Why: at the power limit a step's time follows its
+energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says what
+removing it gains. `--tiny` runs toy shapes on
 any backend (times only where NVML is absent: a smoke test, not a figure).
 """
 
@@ -70,9 +71,13 @@ def main() -> None:
     pass_in = rand(4, (64 if not args.tiny else 1, 1024, 1024))
     q = rand(5, (batch, seq, heads, head_dim))
     kv = rand(6, (batch, seq, kv_heads, head_dim))
-    attention = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: fa.flash_attention(
-        q, k, v, causal=True, interpret=jax.default_backend() != "gpu"), q, k, v)[1](q))
+    on_gpu = jax.default_backend() == "gpu"
+    ours = lambda q, k, v: fa.flash_attention(q, k, v, causal=True, interpret=not on_gpu)
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    fwd_bwd = lambda f: jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](q))
     gemm_flops = 2 * tokens * hidden * mlp
+    attention_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal forward; backward 2.5x
+    shape = f"B{batch} S{seq} H{heads}/KH{kv_heads} D{head_dim} causal"
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.seconds:g} s per kernel")
     print("| kernel | time per call | throughput | energy | board power | SM MHz |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -83,10 +88,15 @@ def main() -> None:
         (f"GEMM [{tokens}, {mlp}] x [{mlp}, {hidden}] bf16, random", matmul, (h, w_down), gemm_flops, "FLOP"),
         (f"elementwise pass, {pass_in.nbytes >> 20} MiB read + written", jax.jit(lambda a: a * 1.5 + 1.0),
          (pass_in,), 2 * pass_in.nbytes, "B"),
-        (f"flash attention fwd+bwd B{batch} S{seq} H{heads}/KH{kv_heads} D{head_dim} causal", attention,
-         (q, kv, kv), 3.5 * 4 * batch * heads * seq * seq * head_dim / 2, "FLOP"),
+        (f"our flash attention fwd, {shape}", jax.jit(ours), (q, kv, kv), attention_flops, "FLOP"),
+        (f"our flash attention fwd+bwd, {shape}", fwd_bwd(ours), (q, kv, kv), 3.5 * attention_flops, "FLOP"),
+        (f"cuDNN attention fwd, {shape}", jax.jit(cudnn), (q, kv, kv), attention_flops, "FLOP"),
+        (f"cuDNN attention fwd+bwd, {shape}", fwd_bwd(cudnn), (q, kv, kv), 3.5 * attention_flops, "FLOP"),
     ]
     for name, f, f_args, work, unit in rows:
+        if name.startswith("cuDNN") and not on_gpu:
+            print(f"| {name} | not run: cuDNN needs a GPU | | | | |")
+            continue
         print(measure(name, f, f_args, work, unit, args.seconds, args.warmup), flush=True)
 
 
