@@ -9,8 +9,8 @@ down shapes on random values and, for the same shape, on zeros (a GEMM's power f
 switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
 forward+backward, at the 1B step's shape. Why: at the power limit a step's time follows its
 energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says what
-removing it gains. `--tiny` runs toy shapes on
-any backend (times only where NVML is absent: a smoke test, not a figure).
+removing it gains. `--tiny` runs toy shapes on any backend (times only where NVML is absent: a
+smoke test, not a figure).
 """
 
 from __future__ import annotations

@@ -54,7 +54,6 @@ def test_train_throughput_compiles_a_mesh_ahead_of_time():
     assert result["collectives"].get("all-gather", 0) > 0  # fsdp gathers each layer's params
 
 
-@pytest.mark.slow
 def test_kernel_energy_runs_every_kernel_without_nvml():
     # The CPU has no NVML: every kernel still runs and is timed, the energy columns say "-".
     out = run("benchmarks/kernel_energy.py", "--tiny", "--seconds", "0.05", "--warmup", "0")
