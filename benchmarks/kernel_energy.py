@@ -7,7 +7,7 @@ driver's power limit to settle the clock); NVML's energy counter over the loop g
 call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B step's gate/up and
 down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
 switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
-forward+backward, at the 1B step's shape. Why: at the power limit a step's time follows its
+forward+backward, and our two backward kernels on their own, at the 1B step's shape. Why: at the power limit a step's time follows its
 energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says what
 removing it gains. `--tiny` runs toy shapes on any backend (times only where NVML is absent: a
 smoke test, not a figure).
@@ -54,6 +54,23 @@ def measure(name: str, f, args, work: float, unit: str, seconds: float, warmup: 
             + (" (capped)" if power["power_capped"] > 0.5 else "") + f" | {power['sm_clock_mhz']:.0f} |")
 
 
+def backward_kernels(q, k, v, interpret: bool):
+    """Our two backward kernels as jitted calls on a forward's residuals (dO = q), as the sweep in
+    attention.py times them: (dK/dV call, its args), (dQ call, its args). The dQ kernel also writes
+    D for the dK/dV kernel; a fused backward would fold most of its work into the dK/dV one."""
+    d = q.shape[-1]
+    flags = fa._Flags(causal=True, segmented=False, windowed=False)
+    blocks = fa.BlockSizes.get_default(d, q.dtype)._clamped(q.shape[1], k.shape[1])
+    st = fa._Static(sm_scale=d**-0.5, flags=flags, blocks=blocks, interpret=interpret)
+    pos = jnp.asarray([0, 2**31 - 1], jnp.int32)  # (q_offset - kv_offset, no window)
+    o, lse2 = jax.jit(lambda q, k, v: fa._fwd_call(q, k, v, None, None, pos, st))(q, k, v)
+    dq_call = jax.jit(lambda q, k, v, lse2, o, dlse2, do: fa._dq_call(q, k, v, None, None, pos, lse2, o, dlse2, do, st))
+    dq_args = (q, k, v, lse2, o, jnp.zeros_like(lse2), q)
+    _, di = dq_call(*dq_args)
+    dkv_call = jax.jit(lambda q, k, v, lse2, di, do: fa._dkv_call(q, k, v, None, None, pos, lse2, di, do, st))
+    return (dkv_call, (q, k, v, lse2, di, q)), (dq_call, dq_args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured loop per kernel")
@@ -78,6 +95,7 @@ def main() -> None:
     gemm_flops = 2 * tokens * hidden * mlp
     attention_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal forward; backward 2.5x
     shape = f"B{batch} S{seq} H{heads}/KH{kv_heads} D{head_dim} causal"
+    dkv, dq = backward_kernels(q, kv, kv, interpret=not on_gpu)
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.seconds:g} s per kernel")
     print("| kernel | time per call | throughput | energy | board power | SM MHz |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -90,6 +108,9 @@ def main() -> None:
          (pass_in,), 2 * pass_in.nbytes, "B"),
         (f"our flash attention fwd, {shape}", jax.jit(ours), (q, kv, kv), attention_flops, "FLOP"),
         (f"our flash attention fwd+bwd, {shape}", fwd_bwd(ours), (q, kv, kv), 3.5 * attention_flops, "FLOP"),
+        # FLOPs of the block matmuls each performs: dK/dV 4 (QKᵀ again, dP, dV, dK), dQ 3 (QKᵀ, dP, dQ)
+        (f"our dK/dV kernel, {shape}", *dkv, 2.0 * attention_flops, "FLOP"),
+        (f"our dQ kernel, {shape}", *dq, 1.5 * attention_flops, "FLOP"),
         (f"cuDNN attention fwd, {shape}", jax.jit(cudnn), (q, kv, kv), attention_flops, "FLOP"),
         (f"cuDNN attention fwd+bwd, {shape}", fwd_bwd(cudnn), (q, kv, kv), 3.5 * attention_flops, "FLOP"),
     ]
