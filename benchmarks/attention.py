@@ -289,6 +289,17 @@ def _static(blocks, causal, sm_scale):
     return fa._Static(sm_scale=sm_scale, flags=flags, blocks=blocks, interpret=DRYRUN)
 
 
+def kernel_call(kind, st, pos):
+    """One of our three kernels, jitted, as the step calls it on rows without segment ids: "fwd"
+    takes (q, k, v) and gives (o, lse2); "dkv" takes (q, k, v, lse2, di, do) and gives (dk, dv);
+    "dq" takes (q, k, v, lse2, o, dlse2, do) and gives (dq, di). Also used by kernel_energy.py."""
+    if kind == "fwd":
+        return jax.jit(lambda q, k, v: fa._fwd_call(q, k, v, None, None, pos, st))
+    if kind == "dkv":
+        return jax.jit(lambda q, k, v, lse2, di, do: fa._dkv_call(q, k, v, None, None, pos, lse2, di, do, st))
+    return jax.jit(lambda q, k, v, lse2, o, dlse2, do: fa._dq_call(q, k, v, None, None, pos, lse2, o, dlse2, do, st))
+
+
 def sweep(b, s, h, kh, d, causal, log):
     q, k, v, do = _inputs(b, s, h, kh, d)
     sm = 1.0 / d**0.5
@@ -296,9 +307,7 @@ def sweep(b, s, h, kh, d, causal, log):
     base = fa.BlockSizes.get_default(d, jnp.bfloat16)
     fl = _flops(b, s, h, d, causal)
     best = {}
-    o, lse2 = jax.jit(
-        lambda q, k, v: fa._fwd_call(q, k, v, None, None, pos, _static(base, causal, sm))
-    )(q, k, v)
+    o, lse2 = kernel_call("fwd", _static(base, causal, sm), pos)(q, k, v)
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1).transpose(0, 2, 1)
     dlse2 = jnp.zeros_like(lse2)
     for kind, fields in (
@@ -312,24 +321,8 @@ def sweep(b, s, h, kh, d, causal, log):
         flops = {"fwd": fl, "dkv": fl * 2.0, "dq": fl * 1.5}[kind]
         for cfg in grid:
             blocks = dataclasses.replace(base, **dict(zip(fields, cfg)))
-            st = _static(blocks, causal, sm)
-            if kind == "fwd":
-                fn = jax.jit(lambda q, k, v, st=st: fa._fwd_call(q, k, v, None, None, pos, st))
-                args = (q, k, v)
-            elif kind == "dkv":
-                fn = jax.jit(
-                    lambda q, k, v, lse2, di, do, st=st: fa._dkv_call(
-                        q, k, v, None, None, pos, lse2, di, do, st
-                    )
-                )
-                args = (q, k, v, lse2, di, do)
-            else:
-                fn = jax.jit(
-                    lambda q, k, v, lse2, o, dlse2, do, st=st: fa._dq_call(
-                        q, k, v, None, None, pos, lse2, o, dlse2, do, st
-                    )
-                )
-                args = (q, k, v, lse2, o, dlse2, do)
+            fn = kernel_call(kind, _static(blocks, causal, sm), pos)
+            args = {"fwd": (q, k, v), "dkv": (q, k, v, lse2, di, do), "dq": (q, k, v, lse2, o, dlse2, do)}[kind]
             try:
                 t = _time(fn, *args, reps=5, inner=3)
                 log(

@@ -97,14 +97,16 @@ class PowerMeter:
             self._sample()
             self._energy1, self._t1 = self._nvml.energy_mj(), self._clock()
 
-    def result(self, steps: int, tokens: int) -> dict:
-        """Joules per step, mJ per token, average watts, mean SM clock and the share of samples the
-        driver held the clock down for power or heat; {} without NVML."""
+    def result(self, steps: int, tokens: int | None = None) -> dict:
+        """Joules per step (per call, for a kernel loop), mJ per token when given tokens, average
+        watts, mean SM clock and the share of samples the driver held the clock down for power or
+        heat; {} without NVML."""
         if not self._nvml:
             return {}
         joules = (self._energy1 - self._energy0) / 1000
         clocks = [c for c, _ in self._samples]
         share = lambda bits: sum(1 for _, r in self._samples if r & bits) / len(self._samples)
-        return dict(joules_per_step=joules / steps, mj_per_token=1000 * joules / tokens,
+        per_token = {} if tokens is None else dict(mj_per_token=1000 * joules / tokens)
+        return dict(joules_per_step=joules / steps, **per_token,
                     avg_power_w=joules / (self._t1 - self._t0), sm_clock_mhz=sum(clocks) / len(clocks),
                     power_capped=share(POWER_CAP), thermal_throttled=share(THERMAL))

@@ -21,8 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gpu_power import PowerMeter  # benchmarks/, next to this script
-from jaxtune.kernels import flash_attention as fa
+from attention import fa, kernel_call  # benchmarks/, next to this script (fa: our kernels)
+from gpu_power import PowerMeter
 
 
 def measure(name: str, f, args, work: float, unit: str, seconds: float, warmup: float) -> str:
@@ -46,7 +46,7 @@ def measure(name: str, f, args, work: float, unit: str, seconds: float, warmup: 
         start = time.perf_counter()
         calls = loop(seconds)
         per_call = (time.perf_counter() - start) / calls
-    power = meter.result(steps=calls, tokens=calls)
+    power = meter.result(steps=calls)
     row = f"| {name} | {per_call * 1e6:.1f} µs | {work / per_call / 1e12:.1f} T{unit}/s "
     if not power:
         return row + "| - | - | - |"
@@ -55,20 +55,19 @@ def measure(name: str, f, args, work: float, unit: str, seconds: float, warmup: 
 
 
 def backward_kernels(q, k, v, interpret: bool):
-    """Our two backward kernels as jitted calls on a forward's residuals (dO = q), as the sweep in
-    attention.py times them: (dK/dV call, its args), (dQ call, its args). The dQ kernel also writes
+    """Our two backward kernels (attention.py's `kernel_call`) with their arguments, on a causal
+    forward's residuals (dO = q): (dK/dV call, args), (dQ call, args). The dQ kernel also writes
     D for the dK/dV kernel; a fused backward would fold most of its work into the dK/dV one."""
     d = q.shape[-1]
     flags = fa._Flags(causal=True, segmented=False, windowed=False)
     blocks = fa.BlockSizes.get_default(d, q.dtype)._clamped(q.shape[1], k.shape[1])
     st = fa._Static(sm_scale=d**-0.5, flags=flags, blocks=blocks, interpret=interpret)
     pos = jnp.asarray([0, 2**31 - 1], jnp.int32)  # (q_offset - kv_offset, no window)
-    o, lse2 = jax.jit(lambda q, k, v: fa._fwd_call(q, k, v, None, None, pos, st))(q, k, v)
-    dq_call = jax.jit(lambda q, k, v, lse2, o, dlse2, do: fa._dq_call(q, k, v, None, None, pos, lse2, o, dlse2, do, st))
+    o, lse2 = kernel_call("fwd", st, pos)(q, k, v)
     dq_args = (q, k, v, lse2, o, jnp.zeros_like(lse2), q)
+    dq_call = kernel_call("dq", st, pos)
     _, di = dq_call(*dq_args)
-    dkv_call = jax.jit(lambda q, k, v, lse2, di, do: fa._dkv_call(q, k, v, None, None, pos, lse2, di, do, st))
-    return (dkv_call, (q, k, v, lse2, di, q)), (dq_call, dq_args)
+    return (kernel_call("dkv", st, pos), (q, k, v, lse2, di, q)), (dq_call, dq_args)
 
 
 def main() -> None:
