@@ -7,15 +7,18 @@ driver's power limit to settle the clock); NVML's energy counter over the loop g
 call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B step's gate/up and
 down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
 switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
-forward+backward, and our two backward kernels on their own, at the 1B step's shape. Why: at the power limit a step's time follows its
-energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says what
-removing it gains. `--tiny` runs toy shapes on any backend (times only where NVML is absent: a
+forward+backward, and our two backward kernels on their own, at the 1B step's shape; the LoRA
+gate/up projections with the activation as the trainer runs them against our fused Mosaic kernel,
+and jax's Mosaic GPU matmul against cuBLAS (`gate_up_rows`). Why: at the power limit a step's time
+follows its energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says
+what removing it gains. `--tiny` runs toy shapes on any backend (times only where NVML is absent: a
 smoke test, not a figure).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -95,6 +98,7 @@ def main() -> None:
     attention_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal forward; backward 2.5x
     shape = f"B{batch} S{seq} H{heads}/KH{kv_heads} D{head_dim} causal"
     dkv, dq = backward_kernels(q, kv, kv, interpret=not on_gpu)
+    gate_up = gate_up_rows(args.tiny, on_gpu)  # prints its check line before the table
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.seconds:g} s per kernel")
     print("| kernel | time per call | throughput | energy | board power | SM MHz |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -110,14 +114,75 @@ def main() -> None:
         # FLOPs of the block matmuls each performs: dK/dV 4 (QKᵀ again, dP, dV, dK), dQ 3 (QKᵀ, dP, dQ)
         (f"our dK/dV kernel, {shape}", *dkv, 2.0 * attention_flops, "FLOP"),
         (f"our dQ kernel, {shape}", *dq, 1.5 * attention_flops, "FLOP"),
-        (f"cuDNN attention fwd, {shape}", jax.jit(cudnn), (q, kv, kv), attention_flops, "FLOP"),
-        (f"cuDNN attention fwd+bwd, {shape}", fwd_bwd(cudnn), (q, kv, kv), 3.5 * attention_flops, "FLOP"),
     ]
+    rows += [(f"cuDNN attention fwd, {shape}", jax.jit(cudnn), (q, kv, kv), attention_flops, "FLOP"),
+             (f"cuDNN attention fwd+bwd, {shape}", fwd_bwd(cudnn), (q, kv, kv), 3.5 * attention_flops, "FLOP")
+             ] if on_gpu else [(f"cuDNN attention {part}, {shape}", None, None, "cuDNN needs a GPU", None)
+                               for part in ("fwd", "fwd+bwd")]
+    rows += gate_up
     for name, f, f_args, work, unit in rows:
-        if name.startswith("cuDNN") and not on_gpu:
-            print(f"| {name} | not run: cuDNN needs a GPU | | | | |")
+        if f is None:  # a kernel this backend cannot run; `work` says why
+            print(f"| {name} | not run: {work} | | | | |")
             continue
         print(measure(name, f, f_args, work, unit, args.seconds, args.warmup), flush=True)
+
+
+def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:
+    """The 1B step's gate/up projections (LoRA r=16) with the activation: as the trainer runs them
+    (per projection `[x | xa] @ [W ; sB]` on cuBLAS, then XLA's activation pass) against our
+    Mosaic GPU kernel that does all of it in one pass (kernels/gate_up_activation_mosaic.py, in
+    interpret mode off a GPU), and plain GEMMs by jax's own Mosaic GPU Hopper matmul in a few tile
+    configurations (GPU only): whether a Pallas matmul reaches cuBLAS's joules per FLOP decides
+    whether fusing passes into our own matmuls can pay. Prints the kernel's largest differences
+    from the trainer's arrays first."""
+    from jaxtune.kernels import gate_up_activation_mosaic as gu
+    from jaxtune.model.mlp import gated_activation
+
+    tokens, hidden, mlp, rank = (128, 64, 128, 16) if tiny else (8192, 2048, 8192, 16)
+    keys = jax.random.split(jax.random.key(1), 7)
+    rand = lambda i, shape, scale=1.0: jax.random.normal(keys[i], shape, jnp.bfloat16) * scale
+    x, xa_gate, xa_up = rand(0, (tokens, hidden)), rand(1, (tokens, rank)), rand(2, (tokens, rank))
+    w_gate, w_up = rand(3, (hidden, mlp), 0.02), rand(4, (hidden, mlp), 0.02)
+    sb_gate, sb_up = rand(5, (rank, mlp), 0.02), rand(6, (rank, mlp), 0.02)
+
+    def trainer_form(x, xa_gate, xa_up, w_gate, w_up, sb_gate, sb_up):
+        product = lambda xa, w, sb: jnp.concatenate([x, xa], -1) @ jnp.concatenate([w, sb], 0)
+        g, u = product(xa_gate, w_gate, sb_gate), product(xa_up, w_up, sb_up)
+        return g, u, gated_activation(g, u, "silu")
+
+    # The kernel's operands as lora_gate_up.py forms them: both adapters' xa side by side, padded.
+    k = gu.ADAPTER_K
+    xa = jnp.concatenate([xa_gate, xa_up, jnp.zeros((tokens, k - 2 * rank), x.dtype)], -1)
+    fused_args = (x, xa, w_gate, w_up, jnp.pad(sb_gate, ((0, k - rank), (0, 0))),
+                  jnp.pad(sb_up, ((rank, k - 2 * rank), (0, 0))))
+    args = (x, xa_gate, xa_up, w_gate, w_up, sb_gate, sb_up)
+    trainer = jax.jit(trainer_form)
+    fused = lambda stages: jax.jit(functools.partial(gu.gate_up_activation, hidden_act="silu", stages=stages,
+                                                     interpret=not on_gpu))
+    diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+             for a, b in zip(fused(2)(*fused_args), trainer(*args))]
+    print("check: gate/up kernel vs trainer, max |difference| in g, u, h: " + ", ".join(f"{d:.3g}" for d in diffs))
+    flops = 2 * 2 * tokens * (hidden + rank) * mlp
+    shape = f"[{tokens}, {hidden}] x 2 x [{hidden}, {mlp}], r {rank}"
+    rows = [(f"gate/up + SwiGLU as the trainer runs it (concat, cuBLAS, XLA pass), {shape}", trainer, args, flops,
+             "FLOP")]
+    rows += [(f"gate/up + SwiGLU, our Mosaic kernel, {stages} stages, {shape}", fused(stages), fused_args, flops,
+              "FLOP")
+             for stages in (2, 3)]
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+
+    dim = hm.MatmulDimension
+    gemm = f"[{tokens}, {hidden}] x [{hidden}, {mlp}]"
+    for wg, cluster in ((dim.N, None), (dim.N, dim.M), (dim.M, None), (dim.M, dim.N)):
+        config = hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, wg_dimension=wg,
+                                 cluster_dimension=cluster, grid_minor_dim=dim.N, grid_tile_width=8)
+        name = f"GEMM {gemm}, jax's Mosaic matmul, warpgroups along {wg}, cluster {cluster}"
+        if not on_gpu:
+            rows.append((name, None, None, "jax's Mosaic matmul runs compiled only (a Hopper GPU)", None))
+            continue
+        rows.append((name, jax.jit(functools.partial(hm.matmul, c=None, config=config)), (x, w_gate),
+                     2 * tokens * hidden * mlp, "FLOP"))
+    return rows
 
 
 if __name__ == "__main__":

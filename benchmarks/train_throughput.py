@@ -73,6 +73,7 @@ class JaxtuneKnobs:
     remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
+    gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
 
     def flags(self) -> list[str]:
         """The same knobs as command-line flags (for the worker processes)."""
@@ -80,7 +81,8 @@ class JaxtuneKnobs:
                 + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
-                + (["--remat", self.remat] if self.remat else []))
+                + (["--remat", self.remat] if self.remat else [])
+                + (["--gate-up-kernel"] if self.gate_up_kernel else []))
 
 
 def flops_per_token(shape: dict, seq: int) -> float:
@@ -140,6 +142,17 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
+    if knobs.gate_up_kernel:  # asked for: a case it cannot take is an error, not a silent fallback
+        from jaxtune import lora_gate_up
+        from jaxtune.kernels.gate_up_activation_mosaic import supports
+
+        lora_gate_up.KERNEL = "auto" if jax.default_backend() == "gpu" else "interpret"
+        why = supports(case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size, LORA_R, jnp.bfloat16,
+                       cfg.hidden_act) if case.adapter == "lora" else "not a LoRA case"
+        if why is None and mesh_sizes and math.prod(mesh_sizes.values()) > 1:
+            why = "a mesh of more than one device (the kernel runs unsharded only)"
+        if why is not None:
+            raise SystemExit(f"--gate-up-kernel: the gate/up kernel does not take this case ({case}): {why}")
     n_devices = math.prod(mesh_sizes.values()) if mesh_sizes else 1
     mesh = make_mesh({"data": 1, **mesh_sizes}, devices=jax.devices()[:n_devices])
     rules = merged_rules()
@@ -449,6 +462,9 @@ def main() -> None:
     parser.add_argument("--scan-unroll", type=int, default=1,
                         help="jaxtune: layers per iteration of the layer loop (the number of layers: unrolled, "
                              "as the trainer's scan_layers: false)")
+    parser.add_argument("--gate-up-kernel", action="store_true",
+                        help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
+                             "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels "
                         "and what they compute (HLO dumped there; command buffers off for the jaxtune side)")
     parser.add_argument("--profile-graphs", action="store_true",
@@ -462,7 +478,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
-                         remat=args.remat, scan_unroll=args.scan_unroll)
+                         remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]

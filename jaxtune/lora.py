@@ -55,6 +55,7 @@ from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
 from jaxtune.lora_fused_product import fused_lora_product, pays_off
 from jaxtune.lora_gated_down import lora_gated_down
+from jaxtune import lora_gate_up
 from jaxtune.sharding import constrain
 
 
@@ -211,6 +212,32 @@ def _concat_lora(leaves: list[LoRA], in_ndim: int, out_shapes: list[tuple[int, .
 
 
 register_concat(LoRA, _concat_lora)
+
+
+def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
+    """The gated MLP with gate/up and the activation in one Hopper kernel (lora_gate_up.py; off
+    unless `lora_gate_up.KERNEL` is set). Takes plain LoRA on all three projections (dropout only
+    on gate/up: down's adapter input is h, which the kernel writes), one rank for gate and up, no
+    biases; None otherwise, and the next registered form runs."""
+    gate, up, down = (mlp[n]["kernel"] for n in ("gate_proj", "up_proj", "down_proj"))
+    if not all(isinstance(w, LoRA) and w.magnitude is None for w in (gate, up, down)):
+        return None
+    if (down.dropout_key is not None and down.dropout > 0.0) or gate.rank != up.rank:
+        return None
+    if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    if not lora_gate_up.takes(x.shape, gate.b.shape[-1], gate.rank, dtype, hidden_act):
+        return None
+    x = x.astype(dtype)
+    xa = [jnp.einsum("btd,dr->btr", _dropout(x, w.dropout_key, w.dropout), w.a.astype(dtype),
+                     preferred_element_type=dtype) for w in (gate, up)]
+    scaled_b = [(w.scale * w.b).astype(dtype) for w in (gate, up, down)]
+    return lora_gate_up.gate_up_mlp(x, *xa, quant.dequantize(gate.base, dtype), quant.dequantize(up.base, dtype),
+                                    *scaled_b[:2], quant.dequantize(down.base, dtype), down.a.astype(dtype),
+                                    scaled_b[2], hidden_act=hidden_act)
+
+
+register_fused_mlp(_mlp_with_lora_gate_up)
 
 
 def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:

@@ -63,6 +63,26 @@ def _sigmoid(g):
     return 1.0 / (1.0 + jnp.exp(-g))  # exp(-g) = inf for g << 0 gives exactly 0, never NaN
 
 
+def _gelu_tanh(g):
+    """gelu_pytorch_tanh's t = tanh(√(2/π)·(g + 0.044715·g³)), and g² (its derivative reuses it)."""
+    g2 = g * g
+    t = jnp.tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_C * (g2 * g)))
+    return t, g2
+
+
+def activation(g, hidden_act: str):
+    """act(g) alone for float32 g (a forward that needs no derivative)."""
+    if hidden_act == "silu":
+        return g * _sigmoid(g)
+    if hidden_act == "gelu":
+        return g * _normal_cdf(g)
+    if hidden_act == "gelu_pytorch_tanh":
+        return g * (0.5 * (1.0 + _gelu_tanh(g)[0]))
+    if hidden_act == "relu":
+        return jnp.maximum(g, 0.0)
+    raise ValueError(f"{hidden_act=} must be one of {ACTIVATIONS}")
+
+
 def activation_and_grad(g, hidden_act: str):
     """(act(g), act'(g)) for float32 g, sharing the transcendental between the two."""
     if hidden_act == "silu":
@@ -72,8 +92,7 @@ def activation_and_grad(g, hidden_act: str):
         cdf = _normal_cdf(g)
         return g * cdf, cdf + g * (_INV_SQRT_2PI * jnp.exp(-0.5 * (g * g)))
     if hidden_act == "gelu_pytorch_tanh":
-        g2 = g * g
-        t = jnp.tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_C * (g2 * g)))
+        t, g2 = _gelu_tanh(g)
         cdf = 0.5 * (1.0 + t)
         d_inner = _SQRT_2_OVER_PI * (1.0 + (3.0 * _GELU_TANH_C) * g2)
         return g * cdf, cdf + (0.5 * g) * (1.0 - t * t) * d_inner
