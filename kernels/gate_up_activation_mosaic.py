@@ -18,16 +18,16 @@ per adapter that is one K step, 1/32 of the main loop's at the 1B shape.
 
 Whether it pays depends on it matching cuBLAS's energy per FLOP on the matmul itself (the gate/up
 matmuls are 12 ms of the step): `benchmarks/kernel_energy.py` measures it against cuBLAS plus XLA's
-activation pass at the step's shapes; the trainer does not call it yet.
+activation pass at the step's shapes. The trainer runs it only with `jaxtune/lora_gate_up.py`'s
+`KERNEL` set (off by default until the step's energy per token is measured with it).
 
 Layout: a program owns 128 token rows and 128 columns of both g and u (a 128 × 256 output tile,
 like cuBLAS's largest on this step). Three warpgroups: a producer streams x `[128, 64]`, Wg and
 Wu `[64, 128]` tiles through SMEM with TMA (`stages` buffers), and two consumers own 64 rows each,
 with two float32 accumulators (g's and u's) of 64 × 128. The adapter operands (each consumer's
 rows of xa; the sB tiles, loaded once for both) are fetched by TMA at the start and used after the
-main loop. Token
-tiles run fastest along the grid, so the programs in flight share a column block of the kernels
-and x (32 MB at the 1B shape) stays in L2.
+main loop. Token tiles run fastest along the grid, so the programs in flight share a column block
+of the kernels and x (32 MB at the 1B shape) stays in L2.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxtune.kernels.activation_math import ACTIVATIONS, activation
+from jaxtune.kernels.mosaic_smem import interpret_params, smem_transforms
 
 BLOCK_M = 64  # rows per consumer warpgroup (one wgmma M)
 TILE_M = 2 * BLOCK_M  # rows per program
@@ -48,12 +49,6 @@ BLOCK_N = 128  # columns of g (and of u) per program
 BLOCK_K = 64  # one 128-byte swizzle row of bf16
 ADAPTER_K = 64  # the adapters' K, padded (see the module docstring)
 
-
-def _smem_transforms(dtype, minor: int):
-    """Tiling + swizzle for a 2-byte SMEM tile whose minor dimension holds `minor` elements."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = min(128, minor * itemsize)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def supports(tokens: int, hidden: int, mlp: int, adapter_k: int, dtype, hidden_act: str) -> str | None:
@@ -85,8 +80,8 @@ def gate_up_activation(x, xa, w_gate, w_up, sb_gate, sb_up, *, hidden_act: str, 
     if why is not None:
         raise ValueError(f"gate_up_activation does not take these shapes: {why}")
     dtype = x.dtype
-    tf_k = _smem_transforms(dtype, BLOCK_K)  # x tiles: K minor
-    tf_n = _smem_transforms(dtype, BLOCK_N)  # kernel tiles and outputs: N minor
+    tf_k = smem_transforms(dtype, BLOCK_K)  # x tiles: K minor
+    tf_n = smem_transforms(dtype, BLOCK_N)  # kernel tiles and outputs: N minor
 
     def jaxtune_gate_up_activation(x_gmem, xa_gmem, wg_gmem, wu_gmem, sbg_gmem, sbu_gmem,
                                    g_gmem, u_gmem, h_gmem, xa_smem, sb_smem, out_smem, lora_barriers):
@@ -157,21 +152,6 @@ def gate_up_activation(x, xa, w_gate, w_up, sb_gate, sb_up, *, hidden_act: str, 
         num_threads=3,
         thread_name="wg",
         compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )
     return kernel(x, xa, w_gate, w_up, sb_gate, sb_up)
-
-
-def gate_up_activation_reference(x, xa, w_gate, w_up, sb_gate, sb_up, *, hidden_act: str):
-    """The same three arrays by XLA (float32 accumulation, then rounded)."""
-    dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-    g = (dot(x, w_gate) + dot(xa, sb_gate)).astype(x.dtype)
-    u = (dot(x, w_up) + dot(xa, sb_up)).astype(x.dtype)
-    return g, u, (activation(g.astype(jnp.float32), hidden_act) * u.astype(jnp.float32)).astype(x.dtype)
-
-
-def _interpret_params():
-    # Mosaic GPU's interpreter (CPU): simulates SMEM, TMA copies, barriers and wgmma.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
