@@ -144,11 +144,13 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     cfg = ModelConfig(family="llama", **shape)
     if knobs.gate_up_kernel:  # asked for: a case it cannot take is an error, not a silent fallback
         from jaxtune import lora_gate_up
-        from jaxtune.kernels.gate_up_activation_mosaic import supports
+        from jaxtune.kernels.gate_up_activation_mosaic import ADAPTER_K, supports
 
         lora_gate_up.KERNEL = "auto" if jax.default_backend() == "gpu" else "interpret"
-        why = supports(case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size, LORA_R, jnp.bfloat16,
+        why = supports(case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size, ADAPTER_K, jnp.bfloat16,
                        cfg.hidden_act) if case.adapter == "lora" else "not a LoRA case"
+        if why is None and 2 * LORA_R > ADAPTER_K:
+            why = f"rank {LORA_R}: gate's and up's adapters need 2 x {LORA_R} <= {ADAPTER_K}"
         if why is None and mesh_sizes and math.prod(mesh_sizes.values()) > 1:
             why = "a mesh of more than one device (the kernel runs unsharded only)"
         if why is not None:
