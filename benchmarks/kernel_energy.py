@@ -160,7 +160,7 @@ def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:
     fused = lambda stages: jax.jit(functools.partial(gu.gate_up_activation, hidden_act="silu", stages=stages,
                                                      interpret=not on_gpu))
     diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-             for a, b in zip(fused(2)(*fused_args), trainer(*args))]
+             for a, b in zip(fused(3)(*fused_args), trainer(*args))]
     print("check: gate/up kernel vs trainer, max |difference| in g, u, h: " + ", ".join(f"{d:.3g}" for d in diffs))
     flops = 2 * 2 * tokens * (hidden + rank) * mlp
     shape = f"[{tokens}, {hidden}] x 2 x [{hidden}, {mlp}], r {rank}"

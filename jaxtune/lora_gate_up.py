@@ -1,8 +1,9 @@
 """A gated MLP whose three projections carry plain LoRA, with the gate/up projections and the
 activation in one Hopper kernel (kernels/gate_up_activation_mosaic.py). Off by default
-(`KERNEL = "off"`): it is in the tree to be measured in the training step against the path the
-trainer takes (`benchmarks/train_throughput.py --gate-up-kernel`), and becomes the default only
-if the step's energy per token says so (benchmarks/RESULTS.md, fourteenth round).
+(`KERNEL = "off"`): measured in the 1B LoRA training step on an H200 it is level with the path
+the trainer takes (88,036 / 88,111 against 87,958 / 87,970 tok/s, interleaved; RESULTS.md,
+fifteenth round), so it stays off until the kernel's own matmul gets closer to cuBLAS's
+(`benchmarks/train_throughput.py --gate-up-kernel` runs the step with it).
 
 Forward: `xa = dropout(x)@A` for gate and up (outside, so autodiff carries A's gradients), side by
 side and zero-padded to the kernel's adapter K with each sB padded to match (the kernel's docstring
@@ -30,8 +31,8 @@ from jaxtune.kernels import gate_up_activation_mosaic as kernel
 from jaxtune.model.mlp import MLP
 from jaxtune.sharding import active_spec
 
-# "off": never (the default until the step is measured); "auto": compiled on a GPU; "interpret":
-# in Mosaic GPU's interpret mode anywhere (CPU tests).
+# "off": never (the default: level with the default path in the step); "auto": compiled on a GPU;
+# "interpret": in Mosaic GPU's interpret mode anywhere (CPU tests).
 KERNEL = "off"
 
 _PROJECTION = "btd,df->btf"

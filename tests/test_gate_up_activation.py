@@ -28,13 +28,16 @@ def _inputs(tokens, hidden, mlp, adapter_k=gu.ADAPTER_K):
             rand(4, (adapter_k, mlp), adapter_k**-0.5), rand(5, (adapter_k, mlp), adapter_k**-0.5))
 
 
-@pytest.mark.parametrize("tokens,hidden,mlp,act,stages", [
-    (128, 64, 128, "silu", 3),                # one program, one K step
-    (256, 320, 256, "gelu_pytorch_tanh", 2),  # 2 x 2 programs, 5 K steps through 2 buffers
+@pytest.mark.parametrize("tokens,hidden,mlp,act,stages,programs", [
+    (128, 64, 128, "silu", 3, None),               # one tile, one K step
+    # 2 x 3 tiles over 4 programs (two walk two tiles, two one: the sB tiles and the store slots
+    # are reused across tiles), 5 K steps through 2 buffers, bands of 16 tiles cut short
+    (256, 320, 384, "gelu_pytorch_tanh", 2, 4),
 ])
-def test_gate_up_activation_matches_float32_products(tokens, hidden, mlp, act, stages):
+def test_gate_up_activation_matches_float32_products(tokens, hidden, mlp, act, stages, programs):
     x, xa, w_g, w_u, sb_g, sb_u = args = _inputs(tokens, hidden, mlp)
-    g, u, h = gu.gate_up_activation(*args, hidden_act=act, stages=stages, interpret=INTERPRET)
+    g, u, h = gu.gate_up_activation(*args, hidden_act=act, stages=stages, programs=programs,
+                                    interpret=INTERPRET)
     f32 = lambda a: np.asarray(a, np.float32)
     want_g = f32(x) @ f32(w_g) + f32(xa) @ f32(sb_g)
     want_u = f32(x) @ f32(w_u) + f32(xa) @ f32(sb_u)
@@ -59,7 +62,8 @@ def test_gate_up_activation_refuses_shapes_by_name():
 def test_gate_up_activation_lowers_for_an_h200():
     """Compiled for a GPU the kernel goes through Mosaic GPU's layout inference and SMEM budget,
     which interpret mode skips: lowered here, from the CPU, at the 1B step's shapes (2 and 3
-    stages: 176 and 224 KiB of SMEM). Ranks of 16 in an unpadded K failed this (see ADAPTER_K)."""
+    stages: 176 and 224 KiB of SMEM; 4 would not fit). Ranks of 16 in an unpadded K failed this
+    (see ADAPTER_K)."""
     h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     shapes = [(8192, 2048), (8192, 64), (2048, 8192), (2048, 8192), (64, 8192), (64, 8192)]
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
