@@ -92,6 +92,8 @@ def gate_up_activation(x, xa, w_gate, w_up, sb_gate, sb_up, *, hidden_act: str, 
     m_tiles, n_tiles = t // TILE_M, f // BLOCK_N
     if programs is None:
         programs = 3 if interpret else _sm_count()
+    if programs < 1:
+        raise ValueError(f"gate_up_activation needs at least one program, got programs={programs}")
     programs = min(programs, m_tiles * n_tiles)
     tf_k = smem_transforms(dtype, BLOCK_K)  # x and xa tiles: K minor
     tf_n = smem_transforms(dtype, BLOCK_N)  # kernel and sB tiles: N minor

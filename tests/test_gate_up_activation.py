@@ -57,6 +57,8 @@ def test_gate_up_activation_refuses_shapes_by_name():
     assert "float32" in gu.supports(8192, 2048, 8192, 64, jnp.float32, "silu")
     with pytest.raises(ValueError, match="mlp = 200 is not a multiple of 128"):
         gu.gate_up_activation(*_inputs(128, 64, 200), hidden_act="silu", interpret=INTERPRET)
+    with pytest.raises(ValueError, match="at least one program, got programs=0"):
+        gu.gate_up_activation(*_inputs(128, 64, 128), hidden_act="silu", programs=0, interpret=INTERPRET)
 
 
 def test_gate_up_activation_lowers_for_an_h200():
