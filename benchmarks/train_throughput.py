@@ -74,6 +74,7 @@ class JaxtuneKnobs:
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
     gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
+    norm_kernels: bool = False  # the residual stream's norms through our kernels (jaxtune/model/norm.py)
 
     def flags(self) -> list[str]:
         """The same knobs as command-line flags (for the worker processes)."""
@@ -82,7 +83,8 @@ class JaxtuneKnobs:
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
-                + (["--gate-up-kernel"] if self.gate_up_kernel else []))
+                + (["--gate-up-kernel"] if self.gate_up_kernel else [])
+                + (["--norm-kernels"] if self.norm_kernels else []))
 
 
 def flops_per_token(shape: dict, seq: int) -> float:
@@ -142,6 +144,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
+    if knobs.norm_kernels:
+        from jaxtune.model import norm
+
+        norm.KERNELS = "auto"
     if knobs.gate_up_kernel:  # asked for: a case it cannot take is an error, not a silent fallback
         from jaxtune import lora_gate_up
         from jaxtune.kernels.gate_up_activation_mosaic import ADAPTER_K, supports
@@ -467,6 +473,9 @@ def main() -> None:
     parser.add_argument("--gate-up-kernel", action="store_true",
                         help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
                              "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
+    parser.add_argument("--norm-kernels", action="store_true",
+                        help="jaxtune: the residual stream's RMSNorms through our Pallas kernels "
+                             "(jaxtune/model/norm.py; off in the trainer until measured on the 8B case too)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels "
                         "and what they compute (HLO dumped there; command buffers off for the jaxtune side)")
     parser.add_argument("--profile-graphs", action="store_true",
@@ -480,7 +489,8 @@ def main() -> None:
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
-                         remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel)
+                         remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
+                         norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]

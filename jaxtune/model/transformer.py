@@ -11,7 +11,6 @@ f mlp, v vocab.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -23,6 +22,7 @@ from jaxtune.model.config import ModelConfig
 from jaxtune.model.layer_list import has_split_layers, per_layer
 from jaxtune.model.linear import dense, linear
 from jaxtune.model.mlp import gated_mlp
+from jaxtune.model.norm import residual_rms_norm, rms_norm
 from jaxtune.model.qkv import qkv_projection
 from jaxtune.model.rope import apply_rope, rope_cos_sin
 from jaxtune.sharding import constrain
@@ -54,35 +54,6 @@ HEADS = ("act_batch", "act_length", "act_heads", None)
 KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
 
 
-@jax.custom_vjp
-def _materialised(x: jax.Array) -> jax.Array:
-    """x, written out as one array in the forward pass; its gradient passes through untouched.
-
-    For the norm's scaled output: left alone, XLA wrote the unscaled normed array and let each
-    consumer redo the `* scale`, and where a consumer cannot take the multiply in (cuBLAS's q/k/v
-    matmul) that is one more [tokens, D] pass (21 µs per layer on the 1B LoRA step, H200,
-    benchmarks/RESULTS.md). A plain `optimization_barrier` would also fence the gradient, and the
-    sum of the q/k/v input gradients would then be written out before the norm's backward.
-    """
-    return jax.lax.optimization_barrier(x)
-
-
-_materialised.defvjp(lambda x: (jax.lax.optimization_barrier(x), None), lambda _, g: (g,))
-
-
-# RMSNorm computes in float32 from bf16 inputs. Differentiated plainly, autodiff would keep its
-# float32 intermediates (x·rsqrt) for the backward pass; under `jax.checkpoint` only the inputs are
-# kept and the backward recomputes the elementwise ops (same arithmetic, same gradients).
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, cast back to x's dtype before the scale (as HF does)."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return _materialised(normed.astype(x.dtype) * scale.astype(x.dtype))
-
-
 def _bias(module: dict) -> jax.Array | None:
     return module.get("bias")
 
@@ -96,7 +67,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     Returns `(h_btd, new_attend_state)`.
     """
     attn, mlp = layer["self_attn"], layer["mlp"]
-    x_btd = rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    h_btd, x_btd = residual_rms_norm(h_btd, layer["input_layernorm"]["scale"], cfg.rms_norm_eps, RESIDUAL)
     q_btnh, k_btkh, v_btkh = qkv_projection(x_btd, attn, cfg, dtype)
     if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim of each head, before RoPE
         q_btnh = rms_norm(q_btnh, attn["q_norm"]["scale"], cfg.rms_norm_eps)
@@ -108,7 +79,7 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
     h_btd = checkpoint_name(constrain(h_btd, RESIDUAL), "attention_block_out")
 
-    x_btd = rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    h_btd, x_btd = residual_rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps, RESIDUAL)
     h_btd = h_btd + gated_mlp(x_btd, mlp, cfg.hidden_act, dtype)
     return constrain(h_btd, RESIDUAL), attend_state
 
@@ -172,7 +143,7 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *,
                          f"the unrolled layer loop: scan_unroll={scan_unroll} < {cfg.num_layers} layers")
     else:
         h_btd, _ = jax.lax.scan(body, h_btd, (params["layers"], windows_l), unroll=scan_unroll)
-    return rms_norm(h_btd, params["norm"]["scale"], cfg.rms_norm_eps)
+    return residual_rms_norm(h_btd, params["norm"]["scale"], cfg.rms_norm_eps, RESIDUAL)[1]
 
 
 def lm_head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
