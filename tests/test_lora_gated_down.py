@@ -8,14 +8,13 @@ lowers it for an abstract H200, so a primitive without a Triton lowering fails h
 
 from __future__ import annotations
 
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
+from h200_lowering import lower_for_h200
 from jaxtune import lora, lora_gated_down
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import ACTIVATIONS
@@ -163,13 +162,8 @@ def test_sharded_model_matches_unsharded(monkeypatch):
 
 def test_lowers_to_triton():
     """The kernel lowers to one Triton call for an H200, from this CPU, at the 1B and 8B shapes."""
-    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-    mesh = AbstractMesh((1,), ("x",), abstract_device=h200)
     for n, f, r in [(8192, 8192, 16), (4096, 14336, 8)]:
         big, thin = jax.ShapeDtypeStruct((n, f), jnp.bfloat16), jax.ShapeDtypeStruct((n, r), jnp.bfloat16)
-        fn = jax.jit(lambda *z: kernel.activation_grad(*z, "silu"))
-        with warnings.catch_warnings(), use_abstract_mesh(mesh):
-            warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton is deprecated"
-            hlo = fn.trace(big, big, big, thin, jax.ShapeDtypeStruct((f, r), jnp.bfloat16)).lower(
-                lowering_platforms=("cuda",)).as_text()
+        hlo = lower_for_h200(lambda *z: kernel.activation_grad(*z, "silu"), big, big, big, thin,
+                             jax.ShapeDtypeStruct((f, r), jnp.bfloat16))
         assert hlo.count("__gpu$xla.gpu.triton") == 1

@@ -8,14 +8,12 @@ lowers them for an abstract H200, so a primitive without a Triton lowering fails
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
+from h200_lowering import lower_for_h200
 from jaxtune import lora
 from jaxtune.kernels import rms_norm as kernel
 from jaxtune.model import norm
@@ -122,16 +120,10 @@ def test_sharded_model_matches_unsharded(monkeypatch):
 
 def test_lowers_to_triton():
     """Both kernels lower to one Triton call each for an H200, from this CPU, at the 1B and 8B widths."""
-    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
-    mesh = AbstractMesh((1,), ("x",), abstract_device=h200)
     for rows, width in [(8192, 2048), (4096, 4096)]:
         h = jax.ShapeDtypeStruct((rows, width), jnp.bfloat16)
         scale = jax.ShapeDtypeStruct((width,), jnp.bfloat16)
         rstd = jax.ShapeDtypeStruct((rows,), jnp.float32)
-        fwd = jax.jit(lambda h, s: kernel.forward(h, s, eps=EPS))
-        bwd = jax.jit(lambda h, r, s, dy, dres: kernel.backward(h, r, s, dy, dres))
-        with warnings.catch_warnings(), use_abstract_mesh(mesh):
-            warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton is deprecated"
-            for fn, args in ((fwd, (h, scale)), (bwd, (h, rstd, scale, h, h))):
-                hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-                assert hlo.count("__gpu$xla.gpu.triton") == 1
+        for hlo in (lower_for_h200(lambda h, s: kernel.forward(h, s, eps=EPS), h, scale),
+                    lower_for_h200(lambda *z: kernel.backward(*z), h, rstd, scale, h, h)):
+            assert hlo.count("__gpu$xla.gpu.triton") == 1
