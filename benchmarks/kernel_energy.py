@@ -9,7 +9,8 @@ down shapes on random values and, for the same shape, on zeros (a GEMM's power f
 switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
 forward+backward, and our two backward kernels on their own, at the 1B step's shape; the LoRA
 gate/up projections with the activation as the trainer runs them against our fused Mosaic kernel,
-and jax's Mosaic GPU matmul against cuBLAS (`gate_up_rows`). Why: at the power limit a step's time
+and jax's Mosaic GPU matmul against cuBLAS (`gate_up_rows`); the residual stream's RMSNorm by
+XLA and by our kernels (`norm_rows`). Why: at the power limit a step's time
 follows its energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says
 what removing it gains. `--tiny` runs toy shapes on any backend (times only where NVML is absent: a
 smoke test, not a figure).
@@ -119,12 +120,44 @@ def main() -> None:
              (f"cuDNN attention fwd+bwd, {shape}", fwd_bwd(cudnn), (q, kv, kv), 3.5 * attention_flops, "FLOP")
              ] if on_gpu else [(f"cuDNN attention {part}, {shape}", None, None, "cuDNN needs a GPU", None)
                                for part in ("fwd", "fwd+bwd")]
-    rows += gate_up
+    rows += gate_up + norm_rows(x, on_gpu)
     for name, f, f_args, work, unit in rows:
         if f is None:  # a kernel this backend cannot run; `work` says why
             print(f"| {name} | not run: {work} | | | | |")
             continue
         print(measure(name, f, f_args, work, unit, args.seconds, args.warmup), flush=True)
+
+
+def norm_rows(h, on_gpu: bool) -> list[tuple]:
+    """The residual stream's RMSNorm at the step's `[tokens, D]`: XLA's fusions of the plain form
+    against our kernels (kernels/rms_norm.py, in interpret mode off a GPU), forward alone and
+    forward + backward with the residual path's gradient added (as `jaxtune/model/norm.py` runs
+    it); work counted as the bytes each must move (2 and 6 arrays of h's size)."""
+    from jaxtune.kernels import rms_norm as kernel
+    from jaxtune.model.norm import rms_norm
+
+    eps, interpret = 1e-5, not on_gpu
+    scale = jnp.ones(h.shape[-1:], h.dtype) * 1.1
+    dy, dres = h * 0.5, h * 0.25
+
+    def plain_fwd_bwd(h, scale, dy, dres):
+        (_, y), vjp = jax.vjp(lambda h: (h, rms_norm(h, scale, eps)), h)
+        return y, vjp((dres, dy))[0]
+
+    def ours_fwd_bwd(h, scale, dy, dres):
+        y, rstd = kernel.forward(h, scale, eps=eps, interpret=interpret)
+        return y, kernel.backward(h, rstd, scale, dy, dres, interpret=interpret)
+
+    shape = f"[{h.shape[0]}, {h.shape[1]}] {h.dtype}"
+    return [
+        (f"RMSNorm fwd, XLA, {shape}", jax.jit(lambda h, s: rms_norm(h, s, eps)), (h, scale), 2 * h.nbytes, "B"),
+        (f"RMSNorm fwd, our kernel, {shape}", jax.jit(lambda h, s: kernel.forward(h, s, eps=eps, interpret=interpret)),
+         (h, scale), 2 * h.nbytes, "B"),
+        (f"RMSNorm fwd+bwd with the residual gradient, XLA, {shape}", jax.jit(plain_fwd_bwd), (h, scale, dy, dres),
+         6 * h.nbytes, "B"),
+        (f"RMSNorm fwd+bwd with the residual gradient, our kernels, {shape}", jax.jit(ours_fwd_bwd),
+         (h, scale, dy, dres), 6 * h.nbytes, "B"),
+    ]
 
 
 def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:

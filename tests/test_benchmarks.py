@@ -57,11 +57,11 @@ def test_train_throughput_compiles_a_mesh_ahead_of_time():
 def test_kernel_energy_runs_every_kernel_without_nvml():
     # The CPU has no NVML: every kernel still runs and is timed, the energy columns say "-".
     out = run("benchmarks/kernel_energy.py", "--tiny", "--seconds", "0.05", "--warmup", "0")
-    # The gate/up rows run our Mosaic kernel in interpret mode; jax's Mosaic matmul runs compiled only.
+    # The gate/up and RMSNorm rows run our kernels in interpret mode; jax's Mosaic matmul runs compiled only.
     lines = out.splitlines()
-    measured = [line for line in lines if line.startswith(("| GEMM", "| elementwise", "| our", "| gate/up"))
+    measured = [line for line in lines if line.startswith(("| GEMM", "| elementwise", "| our", "| gate/up", "| RMSNorm"))
                 and "not run" not in line]
-    assert len(measured) == 11 and all(row.endswith("| - | - | - |") for row in measured), out
+    assert len(measured) == 15 and all(row.endswith("| - | - | - |") for row in measured), out
     assert len([line for line in lines if "not run: cuDNN needs a GPU" in line]) == 2, out
     assert len([line for line in lines if "not run: jax's Mosaic matmul runs compiled only" in line]) == 4, out
     assert any(line.startswith("check: gate/up kernel vs trainer, max |difference|") for line in lines), out
