@@ -144,20 +144,23 @@ def norm_rows(h, on_gpu: bool) -> list[tuple]:
         (_, y), vjp = jax.vjp(lambda h: (h, rms_norm(h, scale, eps)), h)
         return y, vjp((dres, dy))[0]
 
-    def ours_fwd_bwd(h, scale, dy, dres):
-        y, rstd = kernel.forward(h, scale, eps=eps, interpret=interpret)
-        return y, kernel.backward(h, rstd, scale, dy, dres, interpret=interpret)
+    def ours_fwd_bwd(h, scale, dy, dres, blocks):
+        y, rstd = kernel.forward(h, scale, eps=eps, blocks=blocks, interpret=interpret)
+        return y, kernel.backward(h, rstd, scale, dy, dres, blocks=blocks, interpret=interpret)
 
     shape = f"[{h.shape[0]}, {h.shape[1]}] {h.dtype}"
-    return [
-        (f"RMSNorm fwd, XLA, {shape}", jax.jit(lambda h, s: rms_norm(h, s, eps)), (h, scale), 2 * h.nbytes, "B"),
-        (f"RMSNorm fwd, our kernel, {shape}", jax.jit(lambda h, s: kernel.forward(h, s, eps=eps, interpret=interpret)),
-         (h, scale), 2 * h.nbytes, "B"),
-        (f"RMSNorm fwd+bwd with the residual gradient, XLA, {shape}", jax.jit(plain_fwd_bwd), (h, scale, dy, dres),
-         6 * h.nbytes, "B"),
-        (f"RMSNorm fwd+bwd with the residual gradient, our kernels, {shape}", jax.jit(ours_fwd_bwd),
-         (h, scale, dy, dres), 6 * h.nbytes, "B"),
-    ]
+    rows = [(f"RMSNorm fwd, XLA, {shape}", jax.jit(lambda h, s: rms_norm(h, s, eps)), (h, scale), 2 * h.nbytes, "B"),
+            (f"RMSNorm fwd+bwd with the residual gradient, XLA, {shape}", jax.jit(plain_fwd_bwd),
+             (h, scale, dy, dres), 6 * h.nbytes, "B")]
+    # The default blocks, and one row per program on 8 warps.
+    for blocks in (kernel.Blocks(), kernel.Blocks(elements=h.shape[1], warps=8)):
+        how = f"{blocks.rows(*h.shape)} row(s) x {blocks.num_warps(h.shape[1])} warps"
+        rows += [(f"RMSNorm fwd, our kernel, {how}, {shape}",
+                  jax.jit(functools.partial(kernel.forward, eps=eps, blocks=blocks, interpret=interpret)),
+                  (h, scale), 2 * h.nbytes, "B"),
+                 (f"RMSNorm fwd+bwd with the residual gradient, our kernels, {how}, {shape}",
+                  jax.jit(functools.partial(ours_fwd_bwd, blocks=blocks)), (h, scale, dy, dres), 6 * h.nbytes, "B")]
+    return rows
 
 
 def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:

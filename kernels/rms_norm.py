@@ -15,6 +15,7 @@ as autodiff of that expression (the scale's product rounded before the norm's ba
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,20 +24,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["forward", "backward", "forward_reference", "backward_reference", "block_rows", "supports"]
+__all__ = ["Blocks", "forward", "backward", "forward_reference", "backward_reference", "supports"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-_ELEMENTS = 8192  # elements of a row block: 4 rows of a 2048-wide model
 _MAX_WIDTH = 16384
 
 
-def block_rows(rows: int, width: int) -> int:
-    """Rows per program: ≈ 8K elements (4 rows of a 2048-wide model), halved until they divide
-    `rows` (down to 1)."""
-    r = max(1, _ELEMENTS // width)
-    while rows % r:
-        r //= 2
-    return r
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """A program's share: whole rows, ≈ `elements` elements of them, on `warps` warps (None: 4 up
+    to a width of 2048, else 8). The default (4 rows × 4 warps at the 1B width) is what ran the
+    fifteenth round's +0.5%; `benchmarks/kernel_energy.py` compares one row on 8 warps (Triton's
+    layer-norm tutorial's shape: 8 rather than 64 elements of each array per thread)."""
+
+    elements: int = 8192
+    warps: int | None = None
+
+    def __post_init__(self):
+        for name, v in (("elements", self.elements), ("warps", self.warps or 1)):
+            if not (isinstance(v, int) and v >= 1 and v & (v - 1) == 0):
+                raise ValueError(f"Blocks.{name}={v!r} must be a power of two >= 1 (Triton's block rule)")
+
+    def rows(self, rows: int, width: int) -> int:
+        """Rows per program: `elements // width` (at least 1), halved until they divide `rows`."""
+        r = max(1, self.elements // width)
+        while rows % r:
+            r //= 2
+        return r
+
+    def num_warps(self, width: int) -> int:
+        return self.warps or (4 if width <= 2048 else 8)
 
 
 def supports(rows: int, width: int, dtype) -> str | None:
@@ -48,10 +65,6 @@ def supports(rows: int, width: int, dtype) -> str | None:
     if rows < 1:
         return "no rows"
     return None
-
-
-def _warps(width: int) -> int:
-    return 4 if width <= 2048 else 8
 
 
 def _forward_kernel(h_ref, scale_ref, y_ref, rstd_ref, *, eps):
@@ -78,19 +91,21 @@ def _backward_kernel(h_ref, rstd_ref, scale_ref, dy_ref, *rest, has_residual):
     dh_ref[...] = dx.astype(dh_ref.dtype)
 
 
-def _check(h):
+def _grid(h, blocks: Blocks):
+    """(grid, a `[rows, D]` tile's spec, a `[rows]` slice's spec, compiler params) for h `[N, D]`."""
     why = supports(*h.shape, h.dtype)
     if why is not None:
         raise ValueError(f"rms_norm kernel does not take {tuple(h.shape)} {h.dtype}: {why} (check `supports` first)")
     rows, width = h.shape
-    r = block_rows(rows, width)
-    return r, (rows // r,), pl.BlockSpec((r, width), lambda i: (i, 0)), pl.BlockSpec((r,), lambda i: (i,))
+    r = blocks.rows(rows, width)
+    params = plgpu.CompilerParams(num_warps=blocks.num_warps(width), num_stages=1)
+    return (rows // r,), pl.BlockSpec((r, width), lambda i: (i, 0)), pl.BlockSpec((r,), lambda i: (i,)), params
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def forward(h, scale, *, eps: float, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "blocks", "interpret"))
+def forward(h, scale, *, eps: float, blocks: Blocks = Blocks(), interpret: bool = False):
     """(y `[N, D]` in h's dtype, 1/rms `[N]` float32) for h `[N, D]` and scale `[D]`."""
-    _, grid, tile, row = _check(h)
+    grid, tile, row, params = _grid(h, blocks)
     width = h.shape[1]
     return pl.pallas_call(
         functools.partial(_forward_kernel, eps=eps),
@@ -98,17 +113,17 @@ def forward(h, scale, *, eps: float, interpret: bool = False):
         in_specs=[tile, pl.BlockSpec((width,), lambda i: (0,))],
         out_specs=[tile, row],
         out_shape=[jax.ShapeDtypeStruct(h.shape, h.dtype), jax.ShapeDtypeStruct(h.shape[:1], jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=_warps(width), num_stages=1),
+        compiler_params=params,
         interpret=interpret,
         name="jaxtune_rms_norm_fwd",
     )(h, scale)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def backward(h, rstd, scale, dy, d_residual=None, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def backward(h, rstd, scale, dy, d_residual=None, *, blocks: Blocks = Blocks(), interpret: bool = False):
     """h's gradient `[N, D]` (h's dtype): the norm's backward for the output gradient dy, plus
     `d_residual` (h's gradient from its other uses; None: none)."""
-    _, grid, tile, row = _check(h)
+    grid, tile, row, params = _grid(h, blocks)
     width = h.shape[1]
     has_residual = d_residual is not None
     return pl.pallas_call(
@@ -117,7 +132,7 @@ def backward(h, rstd, scale, dy, d_residual=None, *, interpret: bool = False):
         in_specs=[tile, row, pl.BlockSpec((width,), lambda i: (0,)), tile] + [tile] * has_residual,
         out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=_warps(width), num_stages=1),
+        compiler_params=params,
         interpret=interpret,
         name="jaxtune_rms_norm_bwd",
     )(h, rstd, scale, dy, *([d_residual] if has_residual else []))

@@ -40,17 +40,21 @@ def _rel(got, want) -> float:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows,width", [(24, 64), (7, 32)])  # 8 programs of 3 rows; 7 of 1
-def test_kernels_match_reference(dtype, rows, width):
+@pytest.mark.parametrize("rows,width,blocks", [
+    (24, 64, kernel.Blocks()),  # 3 programs of 8 rows
+    (7, 32, kernel.Blocks()),  # 7 of 1
+    (24, 64, kernel.Blocks(elements=64, warps=8)),  # 24 of 1, on 8 warps
+])
+def test_kernels_match_reference(dtype, rows, width, blocks):
     h, scale, dy, dres = _arrays(rows, width, dtype)
-    y, rstd = kernel.forward(h, scale, eps=EPS, interpret=INTERPRET)
+    y, rstd = kernel.forward(h, scale, eps=EPS, blocks=blocks, interpret=INTERPRET)
     want_y, want_rstd = kernel.forward_reference(h, scale, EPS)
     assert y.dtype == dtype and rstd.dtype == jnp.float32 and rstd.shape == (rows,)
     np.testing.assert_allclose(rstd, want_rstd, rtol=1e-6)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: a sum's order can flip one rounding
     assert _rel(y, want_y) < tol
     for d_residual in (dres, None):
-        got = kernel.backward(h, rstd, scale, dy, d_residual, interpret=INTERPRET)
+        got = kernel.backward(h, rstd, scale, dy, d_residual, blocks=blocks, interpret=INTERPRET)
         assert got.dtype == dtype
         assert _rel(got, kernel.backward_reference(h, want_rstd, scale, dy, d_residual)) < tol
 
@@ -69,8 +73,12 @@ def test_supports_and_block_rows():
     assert kernel.supports(8192, 2048, jnp.bfloat16) is None
     assert "width 3072" in kernel.supports(8192, 3072, jnp.bfloat16)
     assert "int32" in kernel.supports(8192, 2048, jnp.int32)
-    assert kernel.block_rows(8192, 2048) == 4 and kernel.block_rows(8192, 4096) == 2
-    assert kernel.block_rows(24, 64) == 8 and kernel.block_rows(7, 64) == 1
+    blocks = kernel.Blocks()
+    assert blocks.rows(8192, 2048) == 4 and blocks.rows(8192, 4096) == 2 and blocks.num_warps(4096) == 8
+    assert blocks.rows(24, 64) == 8 and blocks.rows(7, 64) == 1
+    assert kernel.Blocks(elements=2048, warps=8).rows(8192, 2048) == 1
+    with pytest.raises(ValueError, match="Blocks.warps=6 must be a power of two"):
+        kernel.Blocks(warps=6)
     with pytest.raises(ValueError, match="width 48 is not a power of two"):
         kernel.forward(jnp.ones((4, 48)), jnp.ones((48,)), eps=EPS, interpret=INTERPRET)
 

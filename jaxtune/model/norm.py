@@ -86,7 +86,6 @@ def _per_shard(fn, names, h, *args):
     """fn over rows: h `[B, T, D]` and the other `[B, T, ...]` arrays in args flattened to `[B·T,
     ...]` (a `[D]` arg passes as it is), outputs `[B·T, ...]` back to `[B, T, ...]`; per shard of
     the active mesh (its batch and length axes) where h is split."""
-    b, t, _ = h.shape
     rowwise = [a.ndim >= 2 for a in args]
 
     def flat(h, *args):
