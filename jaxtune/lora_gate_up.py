@@ -72,9 +72,7 @@ def _forward(hidden_act, x, xa, w_gate, w_up, sb_gate, sb_up, w_down, a_down, sb
     g, u, h = kernel.gate_up_activation(flat(x), flat(xa), w_gate, w_up, sb_gate, sb_up,
                                         hidden_act=hidden_act, interpret=KERNEL == "interpret")
     g, u, h = (z.reshape(b, t, z.shape[-1]) for z in (g, u, h))
-    ha = jnp.einsum("btf,fr->btr", h, a_down, preferred_element_type=x.dtype)
-    y = (jnp.einsum("btf,fd->btd", h, w_down, preferred_element_type=x.dtype)
-         + jnp.einsum("btr,rd->btd", ha, sb_down, preferred_element_type=x.dtype))
+    y, ha = lora_gated_down.down_products(h, w_down, a_down, sb_down)
     return y, (g, u, h, ha)
 
 

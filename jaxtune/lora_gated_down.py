@@ -62,8 +62,15 @@ def _gated_down(hidden_act, g, u, w_down, a_down, sb_down):
 
 def _forward(hidden_act, g, u, w_down, a_down, sb_down):
     h = constrain(_activation(g, u, hidden_act), MLP)
-    ha = _einsum("btf,fr->btr", h, a_down, g.dtype)
-    return _einsum("btf,fd->btd", h, w_down, g.dtype) + _einsum("btr,rd->btd", ha, sb_down, g.dtype), (h, ha)
+    y, ha = down_products(h, w_down, a_down, sb_down)
+    return y, (h, ha)
+
+
+def down_products(h, w_down, a_down, sb_down):
+    """(`h@Wd + (h@Ad)@sBd`, `h@Ad`): the LoRA down_proj's output and its adapter's rank-r input,
+    in h's dtype (what the backward needs of the forward besides h)."""
+    ha = _einsum("btf,fr->btr", h, a_down, h.dtype)
+    return _einsum("btf,fd->btd", h, w_down, h.dtype) + _einsum("btr,rd->btd", ha, sb_down, h.dtype), ha
 
 
 def _fwd(hidden_act, g, u, w_down, a_down, sb_down):
