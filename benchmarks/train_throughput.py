@@ -74,7 +74,8 @@ class JaxtuneKnobs:
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
     gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
-    norm_kernels: bool = False  # the residual stream's norms through our kernels (jaxtune/model/norm.py)
+    norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
+    # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
     def flags(self) -> list[str]:
         """The same knobs as command-line flags (for the worker processes)."""
@@ -84,7 +85,7 @@ class JaxtuneKnobs:
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
                 + (["--gate-up-kernel"] if self.gate_up_kernel else [])
-                + (["--norm-kernels"] if self.norm_kernels else []))
+                + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
 def flops_per_token(shape: dict, seq: int) -> float:
@@ -147,7 +148,7 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     if knobs.norm_kernels:
         from jaxtune.model import norm
 
-        norm.KERNELS = "auto"
+        norm.KERNELS = knobs.norm_kernels
     if knobs.gate_up_kernel:  # asked for: a case it cannot take is an error, not a silent fallback
         from jaxtune import lora_gate_up
         from jaxtune.kernels.gate_up_activation_mosaic import ADAPTER_K, supports
@@ -473,9 +474,10 @@ def main() -> None:
     parser.add_argument("--gate-up-kernel", action="store_true",
                         help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
                              "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
-    parser.add_argument("--norm-kernels", action="store_true",
-                        help="jaxtune: the residual stream's RMSNorms through our Pallas kernels "
-                             "(jaxtune/model/norm.py; off in the trainer until measured on the 8B case too)")
+    parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
+                        help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
+                             "or as XLA's fusions of the plain form (off); default: the trainer's "
+                             "(jaxtune/model/norm.py KERNELS, auto)")
     parser.add_argument("--profile", default=None, help="folder: trace 3 more jaxtune steps, print the top kernels "
                         "and what they compute (HLO dumped there; command buffers off for the jaxtune side)")
     parser.add_argument("--profile-graphs", action="store_true",

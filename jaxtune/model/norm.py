@@ -6,13 +6,14 @@ h's gradient from the rest of the layer (the residual path) next to the norm's, 
 sum in the norm's own pass (autodiff adds them in a pass of its own). Residuals: h (which the
 plain form keeps too) and the rows' 1/rms, `[tokens]` float32.
 
-Off by default (`KERNELS`): measured on the 1B LoRA step (H200, benchmarks/RESULTS.md, fifteenth
-round) it is +0.5% (two interleaved pairs), but the profile shows why it is no more: the kernels
-take 1.9 ms per step where XLA's norm fusions took 4.1, yet XLA had also folded the residual adds
-(`h + o_proj(...)`, `h + mlp(...)`) and the sums of the normed input's gradients (base and LoRA
-products) into those fusions, and next to an opaque kernel they become passes of their own (1.0
-and 1.1 ms). Not yet measured on the 8B case, whose target has a 0.3% margin. Next: the residual
-add inside the forward kernel, and the gradient terms summed inside the backward one.
+On by default on a GPU (`KERNELS = "auto"`). Measured on an H200 (benchmarks/RESULTS.md,
+fifteenth and sixteenth rounds), interleaved against XLA's fusions of the plain form: the 1B LoRA
+step +0.5%, then +0.2% / +0.4% at 1.9–2.2% fewer mJ per token; the 8B LoRA step with remat level
+(−0.0% / −0.4%, 0.3–0.5% fewer mJ per token, +0.02 GiB). No more than that, and the profile says
+why: the kernels take 1.9 ms per 1B step where XLA's norm fusions took 4.1, but XLA had also folded
+the residual adds (`h + o_proj(...)`, `h + mlp(...)`) and the sums of the normed input's gradient
+terms (base and LoRA products) into those fusions, and next to an opaque kernel they are passes of
+their own (1.0 and 1.1 ms).
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.kernels import rms_norm as kernel
 from jaxtune.sharding import active_mesh, active_spec, shard_counts
 
-# "off": the plain form everywhere (the default: see the module docstring); "auto": the kernels on
-# a GPU, the plain form elsewhere; "interpret": the kernels everywhere, in Pallas interpret mode
-# off a GPU (CPU tests).
-KERNELS = "off"
+# "auto" (the default): the kernels on a GPU, the plain form elsewhere; "off": the plain form
+# everywhere; "interpret": the kernels everywhere, in Pallas interpret mode off a GPU (CPU tests).
+KERNELS = "auto"
 
 
 @jax.custom_vjp
