@@ -5,6 +5,7 @@ same tests run the compiled Triton kernels.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -334,6 +335,12 @@ def test_shape_errors_are_clear(bad):
         k = k.astype(jnp.bfloat16)
     with pytest.raises(ValueError, match=r"shape=|dtype="):
         flash_attention(q, k, k if bad != "dtype" else k, segment_ids=seg, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("field,value", [("block_q", 48), ("block_kv_dkv", 8), ("forward", "cuda")])
+def test_block_size_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"BlockSizes.{field}={value!r}")):
+        BlockSizes(**{field: value})
 
 
 def test_exp2_choice():
