@@ -130,6 +130,35 @@ def test_sharded_model_matches_unsharded(monkeypatch):
     assert_sharded_model_matches_unsharded(adapted, CFG, traced_in_backward="jaxtune_rms_norm_bwd")
 
 
+def test_rows_split_by_length_match_unsplit(monkeypatch):
+    """Context parallelism splits the residual stream's tokens over the mesh's `sequence` axis
+    (with batch over data, and the embed dimension whole): the kernels run per shard on those rows,
+    and h's value, the norm and h's gradient (norm + residual path) equal the unsharded ones."""
+    from jaxtune.mesh import make_mesh
+    from jaxtune.model.transformer import RESIDUAL
+    from jaxtune.sharding import activation_sharding, merged_rules
+
+    monkeypatch.setattr(norm, "KERNELS", "interpret")
+    keys = jax.random.split(jax.random.key(5), 3)
+    h = jax.random.normal(keys[0], (4, 16, 32), jnp.float32)
+    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (32,))
+    w = jax.random.normal(keys[2], (4, 16, 32))
+
+    def loss(h):
+        h_out, y = norm.residual_rms_norm(h, scale, EPS, RESIDUAL)
+        return jnp.sum(y * w) + jnp.sum(jnp.sin(h_out))
+
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with activation_sharding(mesh, merged_rules()):
+        traced = str(jax.make_jaxpr(jax.grad(loss))(h))
+        assert "jaxtune_rms_norm_bwd" in traced and "shard_map" in traced
+        sharded = jax.jit(jax.value_and_grad(loss))(h)
+    monkeypatch.setattr(norm, "KERNELS", "off")
+    plain = jax.jit(jax.value_and_grad(loss))(h)
+    np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
+    np.testing.assert_allclose(sharded[1], plain[1], rtol=1e-5, atol=1e-6)
+
+
 def test_lowers_to_triton():
     """Both kernels lower to one Triton call each for an H200, from this CPU, at the 1B and 8B widths."""
     for rows, width in [(8192, 2048), (4096, 4096)]:
