@@ -74,6 +74,7 @@ class JaxtuneKnobs:
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
     gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
+    joint_gate_up: bool = False  # LoRA gate/up as one matmul (jaxtune/lora.py JOINT_GATE_UP; off in the trainer)
     norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
@@ -85,6 +86,7 @@ class JaxtuneKnobs:
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
                 + (["--gate-up-kernel"] if self.gate_up_kernel else [])
+                + (["--joint-gate-up"] if self.joint_gate_up else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
@@ -145,6 +147,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
+    if knobs.joint_gate_up:
+        from jaxtune import lora
+
+        lora.JOINT_GATE_UP = True
     if knobs.norm_kernels:
         from jaxtune.model import norm
 
@@ -474,6 +480,9 @@ def main() -> None:
     parser.add_argument("--gate-up-kernel", action="store_true",
                         help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
                              "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
+    parser.add_argument("--joint-gate-up", action="store_true",
+                        help="jaxtune: LoRA gate/up projections as one matmul over both kernels, chunk by chunk "
+                             "(jaxtune/lora.py JOINT_GATE_UP; off in the trainer until measured)")
     parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
                         help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
                              "or as XLA's fusions of the plain form (off); default: the trainer's "
@@ -492,7 +501,7 @@ def main() -> None:
     args = parser.parse_args()
     knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
                          remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
-                         norm_kernels=args.norm_kernels)
+                         joint_gate_up=args.joint_gate_up, norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]

@@ -49,12 +49,12 @@ from flax import struct, traverse_util
 
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import concat_kernels, dense, linear, register_concat, register_linear
+from jaxtune.model.linear import concat_kernels, concat_outputs, dense, linear, register_concat, register_linear
 from jaxtune.model.mlp import MLP, register_fused_mlp
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
 from jaxtune.lora_fused_product import fused_lora_product, pays_off
-from jaxtune.lora_gated_down import lora_gated_down
+from jaxtune.lora_gated_down import JOINT, lora_gated_down, lora_gated_down_joint
 from jaxtune import lora_gate_up
 from jaxtune.sharding import constrain
 
@@ -240,6 +240,14 @@ def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> j
 register_fused_mlp(_mlp_with_lora_gate_up)
 
 
+# Gate and up through one matmul (`_joint_gate_up`): off until measured on a GPU in the training
+# step. Columns are grouped in chunks of `GATE_UP_CHUNK` (gate's chunk, then up's) so that a split
+# of the mlp dimension over devices keeps each gate column with its up column, and so that the
+# activation's backward kernel takes one chunk per program.
+JOINT_GATE_UP = False
+GATE_UP_CHUNK = 128
+
+
 def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
     """The gated MLP with the activation and a LoRA down_proj as one function (lora_gated_down.py:
     the adapter's term of the activation's gradient is formed inside the activation's backward).
@@ -250,10 +258,35 @@ def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.
         return None
     if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
         return None
+    down_args = (quant.dequantize(down.base, dtype), down.a.astype(dtype), (down.scale * down.b).astype(dtype))
+    gu = _joint_gate_up(x, mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"], dtype)
+    if gu is not None:
+        return lora_gated_down_joint(gu, *down_args, hidden_act=hidden_act)
     gate = linear(x, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype)
     up = linear(x, mlp["up_proj"]["kernel"], "btd,df->btf", dtype)
-    return lora_gated_down(constrain(gate, MLP), constrain(up, MLP), quant.dequantize(down.base, dtype),
-                           down.a.astype(dtype), (down.scale * down.b).astype(dtype), hidden_act=hidden_act)
+    return lora_gated_down(constrain(gate, MLP), constrain(up, MLP), *down_args, hidden_act=hidden_act)
+
+
+def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
+    """Gate and up as one `[B, T, F/c, 2c]` array (`lora_gated_down.JOINT`'s layout, c =
+    `GATE_UP_CHUNK`) from one LoRA leaf over both (`concat_outputs`: bases side by side, A's side
+    by side, B's block-diagonal), or None where that is off, either is not plain LoRA over a dense
+    base, F is not a multiple of c, or the one product would not take the fused `[x | xa]` form
+    (lora_fused_product.pays_off): there the bases' concatenation, paid each step, buys nothing.
+
+    Against two projections: x is concatenated with the adapters' inputs once instead of twice;
+    the backward's `[dx | dxa]` comes from one matmul that already sums gate's and up's terms of
+    x's gradient (two arrays fewer to write and add), and one `dxa@Aᵀ` for both adapters."""
+    if not JOINT_GATE_UP or not (isinstance(gate, LoRA) and isinstance(up, LoRA)):
+        return None
+    f = gate.b.shape[-1]
+    if f % GATE_UP_CHUNK or up.b.shape[-1] != f:
+        return None
+    chunked = (f // GATE_UP_CHUNK, GATE_UP_CHUNK)
+    joint = concat_outputs([gate, up], 1, [chunked, chunked])
+    if joint is None or not pays_off("btd,dkc->btkc", x.shape, joint.base.shape):
+        return None
+    return constrain(linear(x, joint, "btd,dkc->btkc", dtype), JOINT)
 
 
 register_fused_mlp(_mlp_with_lora_down)

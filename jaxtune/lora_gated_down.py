@@ -13,6 +13,10 @@ Residuals are what autodiff of the plain form keeps: g, u, h and `h@Ad`. The fro
 gradient only if differentiated (symbolic zeros tell), as in `lora_fused_product`. Under a mesh
 the kernel runs per shard in `shard_map` (a `pallas_call` has no sharding rule): the tokens over
 the batch and length axes, the mlp dimension over the tensor axis, each shard with its rows of Ad.
+
+`lora_gated_down_joint` is the same block for gate and up held in one array (one matmul over both
+kernels wrote it, `lora.py`'s `JOINT_GATE_UP`): its backward returns that array's gradient in its
+own layout, from the kernel's joint form, so nothing concatenates dg and du.
 """
 
 from __future__ import annotations
@@ -80,17 +84,84 @@ def _fwd(hidden_act, g, u, w_down, a_down, sb_down):
 
 def _bwd(hidden_act, res, dy):
     g, u, h, ha, w_down, a_down, sb_down, want_dw = res
-    dy = dy.astype(g.dtype)
-    dha = _einsum("btd,rd->btr", dy, sb_down, g.dtype)
-    dh_base = constrain(_einsum("btd,fd->btf", dy, w_down, g.dtype), MLP)
+    dh_base, dha, down_grads = _down_grads(dy.astype(g.dtype), h, ha, w_down, a_down, sb_down, want_dw)
     dg, du = _activation_grad(g, u, dh_base, dha, a_down, hidden_act)
+    return dg, du, *down_grads
+
+
+def _down_grads(dy, h, ha, w_down, a_down, sb_down, want_dw):
+    """(h's gradient through the frozen Wd, the adapter input's gradient `dy@sBdᵀ`, and the
+    gradients of (Wd, Ad, sBd): Wd's only if differentiated)."""
+    dha = _einsum("btd,rd->btr", dy, sb_down, dy.dtype)
+    dh_base = constrain(_einsum("btd,fd->btf", dy, w_down, dy.dtype), MLP)
     d_a_down = _einsum("btf,btr->fr", h, dha, jnp.float32).astype(a_down.dtype)
     d_sb_down = _einsum("btr,btd->rd", ha, dy, jnp.float32).astype(sb_down.dtype)
     dw_down = _einsum("btf,btd->fd", h, dy, jnp.float32).astype(w_down.dtype) if want_dw else None
-    return dg, du, dw_down, d_a_down, d_sb_down
+    return dh_base, dha, (dw_down, d_a_down, d_sb_down)
 
 
 _gated_down.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+# Gate and up as one array: [B, T, F/c, 2c], chunk j holding gate's columns [j·c, (j+1)·c) then
+# up's (the output of one matmul over both kernels side by side, chunk by chunk: `lora.py`).
+JOINT = ("act_batch", "act_length", "act_mlp", None)  # its logical axes: chunks split like the mlp dim
+
+
+def lora_gated_down_joint(gu, w_down, a_down, sb_down, *, hidden_act: str):
+    """`lora_gated_down` for gate and up held in one array `gu` `[B, T, F/c, 2c]` (`JOINT`'s
+    layout); gu's gradient comes back in that layout, as the matmul that wrote it wants it, with
+    no concatenation of separate gate and up gradients."""
+    return _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down)
+
+
+def _split_joint(gu):
+    b, t, chunks, two_c = gu.shape
+    c = two_c // 2
+    return gu[..., :c].reshape(b, t, chunks * c), gu[..., c:].reshape(b, t, chunks * c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down):
+    return _forward(hidden_act, *_split_joint(gu), w_down, a_down, sb_down)[0]
+
+
+def _joint_fwd(hidden_act, gu, w_down, a_down, sb_down):
+    y, (h, ha) = _forward(hidden_act, *_split_joint(gu.value), w_down.value, a_down.value, sb_down.value)
+    return y, (gu.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed)
+
+
+def _joint_bwd(hidden_act, res, dy):
+    gu, h, ha, w_down, a_down, sb_down, want_dw = res
+    dh_base, dha, down_grads = _down_grads(dy.astype(gu.dtype), h, ha, w_down, a_down, sb_down, want_dw)
+    return _activation_grad_joint(gu, dh_base, dha, a_down, hidden_act), *down_grads
+
+
+_gated_down_joint.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)
+
+
+def _activation_grad_joint(gu, dh_base, dha, a_down, hidden_act):
+    """gu's gradient: the kernel per shard where it runs, else its reference on the whole arrays."""
+    use, interpret = _kernel_mode()
+    spec = active_spec(JOINT, gu.shape)
+    sharded = spec is not None and any(e is not None for e in spec)
+    counts = shard_counts(JOINT, gu.shape)
+    local_rows = (gu.shape[0] // counts[0]) * (gu.shape[1] // counts[1])
+    chunks, c = gu.shape[2] // counts[2], gu.shape[3] // 2
+    if not (use and kernel.supports_joint(local_rows, chunks, c, gu.dtype, hidden_act)):
+        return kernel.activation_grad_joint_reference(gu, dh_base, dha, a_down, hidden_act)
+
+    def run(gu, dh_base, dha, a):
+        b, t = gu.shape[:2]
+        flat = lambda z: z.reshape((b * t,) + z.shape[2:])
+        return kernel.activation_grad_joint(flat(gu), flat(dh_base), flat(dha), a, hidden_act,
+                                            interpret=interpret).reshape(gu.shape)
+
+    if not sharded:
+        return run(gu, dh_base, dha, a_down)
+    return jax.shard_map(run, mesh=active_mesh(), in_specs=(spec, P(*spec[:3]), P(spec[0], spec[1], None),
+                                                             P(spec[2], None)),
+                         out_specs=spec, check_vma=False)(gu, dh_base, dha, a_down)
 
 
 def _activation_grad(g, u, dh_base, dha, a_down, hidden_act):

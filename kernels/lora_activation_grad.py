@@ -11,6 +11,10 @@ and dh_base, form `dha@Adᵀ` on the tile (a rank-r matmul on data already in re
 dg and du (225 µs). Measured alternatives in benchmarks/RESULTS.md (ninth round), among them
 fusing the other rank-r products around the activation too, which was slower.
 
+`activation_grad_joint` takes gate and up as one array, chunk by chunk (`[N, F/c, 2c]`: one
+matmul over both kernels writes that), and writes their gradient in the same layout; one program
+per chunk of c columns, as the two-array kernel's per column block.
+
 Arithmetic is float32; dg and du are rounded to the inputs' dtype as the plain computation
 (`activation_grad_reference`) rounds them. The rank is padded to a multiple of 16 (Triton's
 smallest matmul side) with zero columns.
@@ -29,7 +33,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from jaxtune.kernels.activation_math import ACTIVATIONS, REFERENCE, activation_and_grad
 
-__all__ = ["BlockSizes", "activation_grad", "activation_grad_reference", "supports"]
+__all__ = ["BlockSizes", "activation_grad", "activation_grad_joint", "activation_grad_reference",
+           "activation_grad_joint_reference", "supports", "supports_joint"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _RANK_MULTIPLE = 16
@@ -77,17 +82,28 @@ def _pad_rank(x):
     return x if pad == 0 else jnp.pad(x, ((0, 0), (0, pad)))
 
 
-def _kernel(g_ref, u_ref, dhb_ref, dha_ref, a_ref, dg_ref, du_ref, *, hidden_act):
-    dha, a = dha_ref[...], a_ref[...]
+def _tile_grads(g, u, dhb, dha, a, hidden_act):
+    """(dg, du) float32 on one tile: dh = dh_base + dha@a_downᵀ (the rank-r product formed here)."""
     precision = lax.Precision.HIGHEST if dha.dtype == jnp.float32 else None  # no tf32 for float32
     dh_lora = lax.dot_general(dha, a, (((1,), (1,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)  # dha @ a_downᵀ on this tile
-    dh = dhb_ref[...].astype(jnp.float32) + dh_lora
-    g = g_ref[...].astype(jnp.float32)
-    u = u_ref[...].astype(jnp.float32)
+    dh = dhb.astype(jnp.float32) + dh_lora
+    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
     act, d_act = activation_and_grad(g, hidden_act)
-    du_ref[...] = (dh * act).astype(du_ref.dtype)
-    dg_ref[...] = (dh * u * d_act).astype(dg_ref.dtype)
+    return dh * u * d_act, dh * act
+
+
+def _kernel(g_ref, u_ref, dhb_ref, dha_ref, a_ref, dg_ref, du_ref, *, hidden_act):
+    dg, du = _tile_grads(g_ref[...], u_ref[...], dhb_ref[...], dha_ref[...], a_ref[...], hidden_act)
+    du_ref[...] = du.astype(du_ref.dtype)
+    dg_ref[...] = dg.astype(dg_ref.dtype)
+
+
+def _joint_kernel(gu_ref, dhb_ref, dha_ref, a_ref, dgu_ref, *, hidden_act, chunk):
+    # One chunk of gate columns and the same chunk of up columns, side by side in one block.
+    dg, du = _tile_grads(gu_ref[:, :chunk], gu_ref[:, chunk:], dhb_ref[...], dha_ref[...], a_ref[...], hidden_act)
+    dgu_ref[:, :chunk] = dg.astype(dgu_ref.dtype)
+    dgu_ref[:, chunk:] = du.astype(dgu_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("hidden_act", "blocks", "interpret"))
@@ -117,6 +133,55 @@ def activation_grad(g, u, dh_base, dha, a_down, hidden_act: str, *, blocks: Bloc
         interpret=interpret,
         name="jaxtune_lora_activation_grad",
     )(g, u, dh_base, dha_p, a_p)
+
+
+def supports_joint(n_rows: int, chunks: int, chunk: int, dtype, hidden_act: str,
+                   blocks: BlockSizes | None = None) -> bool:
+    """Whether `activation_grad_joint` takes `[n_rows, chunks, 2·chunk]`: its programs take one
+    chunk of columns each, so the chunk must be a column block the block rules allow."""
+    if chunk < 32 or chunk & (chunk - 1):
+        return False
+    return supports(n_rows, chunks * chunk, dtype, hidden_act, dataclasses.replace(blocks or BlockSizes(), block_cols=chunk))
+
+
+@functools.partial(jax.jit, static_argnames=("hidden_act", "blocks", "interpret"))
+def activation_grad_joint(gu, dh_base, dha, a_down, hidden_act: str, *, blocks: BlockSizes = BlockSizes(),
+                          interpret: bool = False):
+    """`activation_grad` for gate and up held in one array, chunk by chunk: gu `[N, F/c, 2c]` with
+    gate columns `[j·c, (j+1)·c)` in `gu[:, j, :c]` and the same up columns in `gu[:, j, c:]` (the
+    layout of one matmul over gate's and up's kernels side by side, chunk by chunk). Returns the
+    gradient in the same layout: `[dg | du]` chunk by chunk, ready for that matmul's backward.
+    dh_base `[N, F]`; dha `[N, r]`; a_down `[F, r]`. Check `supports_joint` first."""
+    n, chunks, two_c = gu.shape
+    c = two_c // 2
+    if not supports_joint(n, chunks, c, gu.dtype, hidden_act, blocks):
+        raise ValueError(f"activation_grad_joint does not take {tuple(gu.shape)} {gu.dtype} with {blocks} "
+                         "(check `supports_joint` first)")
+    bl = dataclasses.replace(blocks, block_cols=c).fit(n, chunks * c)
+    dha_p, a_p = _pad_rank(dha), _pad_rank(a_down)
+    rp = a_p.shape[1]
+    pair = pl.BlockSpec((bl.block_rows, None, two_c), lambda j, i: (i, j, 0))
+    return pl.pallas_call(
+        functools.partial(_joint_kernel, hidden_act=hidden_act, chunk=c),
+        grid=(chunks, n // bl.block_rows),
+        in_specs=[pair, pl.BlockSpec((bl.block_rows, c), lambda j, i: (i, j)),
+                  pl.BlockSpec((bl.block_rows, rp), lambda j, i: (i, 0)), pl.BlockSpec((c, rp), lambda j, i: (j, 0))],
+        out_specs=pair,
+        out_shape=jax.ShapeDtypeStruct(gu.shape, gu.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=bl.num_warps, num_stages=1),
+        interpret=interpret,
+        name="jaxtune_lora_activation_grad_joint",
+    )(gu, dh_base, dha_p, a_p)
+
+
+def activation_grad_joint_reference(gu, dh_base, dha, a_down, hidden_act: str):
+    """`activation_grad_joint` in jnp (gu `[..., F/c, 2c]`, the rest with any leading dims)."""
+    *lead, chunks, two_c = gu.shape
+    c = two_c // 2
+    flat = lambda z: z.reshape(*lead, chunks * c)
+    dg, du = activation_grad_reference(flat(gu[..., :c]), flat(gu[..., c:]), dh_base, dha, a_down, hidden_act)
+    chunked = lambda z: z.reshape(*lead, chunks, c)
+    return jnp.concatenate([chunked(dg), chunked(du)], axis=-1)
 
 
 def activation_grad_reference(g, u, dh_base, dha, a_down, hidden_act: str):

@@ -167,3 +167,92 @@ def test_lowers_to_triton():
         hlo = lower_for_h200(lambda *z: kernel.activation_grad(*z, "silu"), big, big, big, thin,
                              jax.ShapeDtypeStruct((f, r), jnp.bfloat16))
         assert hlo.count("__gpu$xla.gpu.triton") == 1
+
+
+# --- gate and up through one matmul (lora.JOINT_GATE_UP) ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_joint_kernel_matches_reference(dtype):
+    """Gate and up side by side chunk by chunk (`[N, F/c, 2c]`): the kernel against its reference,
+    and that reference against the two-array one on the same columns."""
+    n, chunks, c, r = 48, 3, 32, 8
+    ks = jax.random.split(jax.random.key(2), 4)
+    gu = jax.random.normal(ks[0], (n, chunks, 2 * c), dtype) * 2
+    dhb = jax.random.normal(ks[1], (n, chunks * c), dtype)
+    dha = jax.random.normal(ks[2], (n, r), dtype)
+    a = (jax.random.normal(ks[3], (chunks * c, r)) * 0.3).astype(dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for act in ACTIVATIONS:
+        got = kernel.activation_grad_joint(gu, dhb, dha, a, act, interpret=True)
+        want = kernel.activation_grad_joint_reference(gu, dhb, dha, a, act)
+        assert got.dtype == dtype and got.shape == gu.shape and _rel(got, want) < tol, (act, _rel(got, want))
+        dg, du = kernel.activation_grad_reference(gu[..., :c].reshape(n, -1), gu[..., c:].reshape(n, -1), dhb, dha, a, act)
+        assert _rel(want[..., :c].reshape(n, -1), dg) == 0 and _rel(want[..., c:].reshape(n, -1), du) == 0
+    assert kernel.supports_joint(n, chunks, c, dtype, "silu")
+    assert not kernel.supports_joint(n, chunks, 48, dtype, "silu")  # not a power of two
+    assert not kernel.supports_joint(n, chunks, 16, dtype, "silu")  # below the 32-column block
+    with pytest.raises(ValueError, match="check `supports_joint` first"):
+        kernel.activation_grad_joint(gu[:40], dhb[:40], dha[:40], a, "silu", interpret=True)
+
+
+def _joint_kernel_traced(params, x, dtype=jnp.float32, dropout_key=None) -> bool:
+    text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, dtype, "silu", True, dropout_key))(params, x))
+    return "jaxtune_lora_activation_grad_joint" in text
+
+
+@pytest.mark.parametrize("mode", ["off", "interpret"])
+def test_joint_gate_up_matches_autodiff_of_the_projections(monkeypatch, mode):
+    """With `JOINT_GATE_UP` the block's loss and every gradient equal autodiff's of the
+    per-projection form, the activation's backward kernel (or its reference) on the joint array."""
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    monkeypatch.setattr(lora_gated_down, "KERNELS", mode)
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (2, 64, 32))  # 128 tokens >= 4 x 32 inputs
+    grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
+    (got_loss, got), (want_loss, want) = grad(params, x, jnp.float32), grad(params, x, jnp.float32, "silu", False)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(a, b) < 1e-5
+    text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, jnp.float32))(params, x))
+    assert "2,64,4,64]" in text  # gate and up as one [B, T, F/c, 2c] product
+    assert _joint_kernel_traced(params, x) == (mode == "interpret")
+
+
+def test_joint_gate_up_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (2, 64, 32))
+    assert _joint_kernel_traced(params, x)
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", False)
+    assert not _joint_kernel_traced(params, x)  # off
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    assert not _joint_kernel_traced(params, x[:, :16])  # 32 tokens: the fused [x | xa] product does not pay
+    assert not _joint_kernel_traced(_mlp_params(f=80), x)  # 80 columns: not whole chunks of 32
+    assert not _joint_kernel_traced(_mlp_params(gate_dropout=0.2), x, dropout_key=jax.random.key(0))  # own masks
+    assert not _joint_kernel_traced({**params, "up_proj": {"kernel": params["up_proj"]["kernel"].base}}, x)
+
+
+def test_joint_gate_up_sharded_model_matches_unsharded(monkeypatch):
+    """The whole model over data, fsdp and tensor with gate and up as one product: the chunks split
+    over tensor keep each gate column with its up column."""
+    from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
+
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    # 32 tokens per device over 8 inputs: the fused product pays (tokens >= 4 x inputs)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=8, intermediate_size=128, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=4)
+    adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
+                                            lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
+    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad_joint")
+
+
+def test_joint_kernel_lowers_to_triton():
+    """The joint kernel lowers to one Triton call for an H200, from this CPU, at the 1B shape."""
+    n, f, r, c = 8192, 8192, 16, 128
+    hlo = lower_for_h200(lambda *z: kernel.activation_grad_joint(*z, "silu"),
+                         jax.ShapeDtypeStruct((n, f // c, 2 * c), jnp.bfloat16), jax.ShapeDtypeStruct((n, f), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((n, r), jnp.bfloat16), jax.ShapeDtypeStruct((f, r), jnp.bfloat16))
+    assert hlo.count("__gpu$xla.gpu.triton") == 1
