@@ -49,7 +49,7 @@ from flax import struct, traverse_util
 
 from jaxtune.errors import ConfigError
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.linear import concat_kernels, concat_outputs, dense, linear, register_concat, register_linear
+from jaxtune.model.linear import concat_kernels, dense, linear, register_concat, register_linear
 from jaxtune.model.mlp import MLP, register_fused_mlp
 from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
@@ -194,21 +194,34 @@ def _concat_lora(leaves: list[LoRA], in_ndim: int, out_shapes: list[tuple[int, .
     concatenated, A's side by side `[*in, Σr]`, B's block-diagonal `[Σr, *lead, Σout]`, so that
     `(x@[A₁|A₂])@diag(B₁, B₂) = [x@A₁@B₁ | x@A₂@B₂]` exactly. Plain LoRA over dense bases with one
     scale only; None for DoRA, quantised bases, or dropout (each adapter draws its own mask)."""
+    if not _concatenable(leaves):
+        return None
+    a, b = _side_by_side_adapters(leaves, out_shapes)
+    first = leaves[0]
+    return LoRA(base=concat_kernels([w.base for w in leaves], in_ndim, out_shapes), a=a, b=b,
+                magnitude=None, dropout_key=None, scale=first.scale, dropout=first.dropout)
+
+
+def _concatenable(leaves: list[LoRA]) -> bool:
+    """Plain LoRA over dense bases of one dtype, one scale, no dropout (each adapter would draw its
+    own mask)."""
     first = leaves[0]
     if any(w.magnitude is not None or (w.dropout_key is not None and w.dropout > 0.0)
            or not isinstance(w.base, (jax.Array, np.ndarray)) or w.scale != first.scale for w in leaves):
-        return None
-    if len({w.base.dtype for w in leaves}) != 1 or len({w.b.dtype for w in leaves}) != 1:
-        return None
+        return False
+    return len({w.base.dtype for w in leaves}) == 1 and len({w.b.dtype for w in leaves}) == 1
+
+
+def _side_by_side_adapters(leaves: list[LoRA], out_shapes: list[tuple[int, ...]]) -> tuple[jax.Array, jax.Array]:
+    """(A's side by side `[*in, Σr]`, B's block-diagonal `[Σr, *lead, Σout]`), each B's output
+    reshaped to its `out_shapes` entry and the blocks concatenated along the last dimension."""
     widths = [s[-1] for s in out_shapes]
     blocks = []
     for i, (w, shape) in enumerate(zip(leaves, out_shapes)):
         b = w.b.reshape(w.b.shape[:1] + tuple(shape))
         pad = [(0, 0)] * (b.ndim - 1) + [(sum(widths[:i]), sum(widths[i + 1:]))]
         blocks.append(jnp.pad(b, pad))
-    return LoRA(base=concat_kernels([w.base for w in leaves], in_ndim, out_shapes),
-                a=jnp.concatenate([w.a for w in leaves], axis=-1), b=jnp.concatenate(blocks, axis=0),
-                magnitude=None, dropout_key=None, scale=first.scale, dropout=first.dropout)
+    return jnp.concatenate([w.a for w in leaves], axis=-1), jnp.concatenate(blocks, axis=0)
 
 
 register_concat(LoRA, _concat_lora)
@@ -269,24 +282,28 @@ def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.
 
 def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
     """Gate and up as one `[B, T, F/c, 2c]` array (`lora_gated_down.JOINT`'s layout, c =
-    `GATE_UP_CHUNK`) from one LoRA leaf over both (`concat_outputs`: bases side by side, A's side
-    by side, B's block-diagonal), or None where that is off, either is not plain LoRA over a dense
-    base, F is not a multiple of c, or the one product would not take the fused `[x | xa]` form
-    (lora_fused_product.pays_off): there the bases' concatenation, paid each step, buys nothing.
+    `GATE_UP_CHUNK`) from one fused `[x | xa]` product over both (lora_fused_product.py: bases
+    interleaved chunk by chunk inside it, A's side by side, B's block-diagonal), or None where that
+    is off, either is not plain LoRA over a dense base (`_concatenable`), F is not a multiple of c,
+    or the fused product would not pay (`pays_off`).
 
     Against two projections: x is concatenated with the adapters' inputs once instead of twice;
     the backward's `[dx | dxa]` comes from one matmul that already sums gate's and up's terms of
     x's gradient (two arrays fewer to write and add), and one `dxa@Aᵀ` for both adapters."""
     if not JOINT_GATE_UP or not (isinstance(gate, LoRA) and isinstance(up, LoRA)):
         return None
-    f = gate.b.shape[-1]
-    if f % GATE_UP_CHUNK or up.b.shape[-1] != f:
+    d, f = gate.base.shape
+    c = GATE_UP_CHUNK
+    if f % c or up.base.shape != (d, f) or not _concatenable([gate, up]):
         return None
-    chunked = (f // GATE_UP_CHUNK, GATE_UP_CHUNK)
-    joint = concat_outputs([gate, up], 1, [chunked, chunked])
-    if joint is None or not pays_off("btd,dkc->btkc", x.shape, joint.base.shape):
+    if not pays_off("btd,dkc->btkc", x.shape, (d, f // c, 2 * c)):
         return None
-    return constrain(linear(x, joint, "btd,dkc->btkc", dtype), JOINT)
+    a, b = _side_by_side_adapters([gate, up], [(f // c, c)] * 2)
+    x = x.astype(dtype)
+    xa = jnp.einsum("btd,dr->btr", x, a.astype(dtype), preferred_element_type=dtype)
+    gu = fused_lora_product("btd,dkc->btkc", x, xa, (gate.base.astype(dtype), up.base.astype(dtype)),
+                            (gate.scale * b).astype(dtype), c)
+    return constrain(gu, JOINT)
 
 
 register_fused_mlp(_mlp_with_lora_down)

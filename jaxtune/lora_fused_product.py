@@ -52,44 +52,61 @@ def pays_off(spec: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> b
     return out_features >= 2 * in_features and tokens >= 4 * in_features
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_lora_product(spec: str, x: jax.Array, xa: jax.Array, w: jax.Array, sb: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def fused_lora_product(spec: str, x: jax.Array, xa: jax.Array, w, sb: jax.Array, chunk: int | None = None) -> jax.Array:
     """`x@W + xa@sB` by einsum `spec` (x's last dimension contracted with W's first), in x's dtype
     with float32 accumulation. x `[*lead, in]`, xa `[*lead, r]`, W `[in, *out]`, sB `[r, *out]`,
-    all in one dtype."""
-    return _product(spec, x, xa, w, sb)
+    all in one dtype.
+
+    With `chunk`, w is a tuple of kernels `[in, F]` and W their outputs side by side chunk by chunk,
+    `[in, F/chunk, n·chunk]` (`interleaved`): formed inside, so that the backward keeps the parts
+    (parameters, alive anyway) rather than a copy of their concatenation per layer."""
+    return _product(spec, x, xa, w, sb, chunk)
 
 
-def _augmented_kernel(w, sb):
+def interleaved(parts, chunk: int) -> jax.Array:
+    """Kernels `[in, F]` as one `[in, F/chunk, n·chunk]`: chunk j holds columns `[j·chunk,
+    (j+1)·chunk)` of each part in turn."""
+    return jnp.concatenate([p.reshape(p.shape[0], p.shape[1] // chunk, chunk) for p in parts], axis=-1)
+
+
+def _augmented_kernel(w, sb, chunk):
     """`[W ; sB]`: `[in + r, *out]`. Formed again in the backward rather than kept from the forward,
     which would hold a copy of every fused kernel from each layer's forward to its backward."""
-    return jnp.concatenate([w, sb], axis=0)
+    return jnp.concatenate([w if chunk is None else interleaved(w, chunk), sb], axis=0)
 
 
-def _product(spec, x, xa, w, sb):
+def _product(spec, x, xa, w, sb, chunk):
     x_aug = jnp.concatenate([x, xa], axis=-1)
-    return jnp.einsum(spec, x_aug, _augmented_kernel(w, sb), preferred_element_type=x.dtype)
+    return jnp.einsum(spec, x_aug, _augmented_kernel(w, sb, chunk), preferred_element_type=x.dtype)
 
 
-def _fwd(spec, x, xa, w, sb):
-    want_dw = w.perturbed
-    x, xa, w, sb = x.value, xa.value, w.value, sb.value
-    return _product(spec, x, xa, w, sb), (x, xa, w, sb, want_dw)
+def _fwd(spec, x, xa, w, sb, chunk):
+    want_dw = any(p.perturbed for p in jax.tree.leaves(w, is_leaf=lambda p: hasattr(p, "perturbed")))
+    x, xa, sb = x.value, xa.value, sb.value
+    w = jax.tree.map(lambda p: p.value, w, is_leaf=lambda p: hasattr(p, "perturbed"))
+    return _product(spec, x, xa, w, sb, chunk), (x, xa, w, sb, want_dw)
 
 
-def _bwd(spec, residuals, dy):
+def _bwd(spec, chunk, residuals, dy):
     x, xa, w, sb, want_dw = residuals
     inputs, out_s = spec.split("->")
     x_s, w_s = inputs.split(",")
     # [dx | dxa] in one matmul: dy is read once for both.
-    d_aug = jnp.einsum(f"{out_s},{w_s}->{x_s}", dy, _augmented_kernel(w, sb), preferred_element_type=x.dtype)
+    d_aug = jnp.einsum(f"{out_s},{w_s}->{x_s}", dy, _augmented_kernel(w, sb, chunk), preferred_element_type=x.dtype)
     dx, dxa = d_aug[..., :x.shape[-1]], d_aug[..., x.shape[-1]:]
     lead = x_s[:-1]
     r = w_s[0]  # the contracted letter stands for the rank too: sB is [r, *out] like W is [in, *out]
     dsb = jnp.einsum(f"{lead}{r},{out_s}->{w_s}", xa, dy, preferred_element_type=jnp.float32).astype(sb.dtype)
     dw = None
     if want_dw:
-        dw = jnp.einsum(f"{x_s},{out_s}->{w_s}", x, dy, preferred_element_type=jnp.float32).astype(w.dtype)
+        dw = jnp.einsum(f"{x_s},{out_s}->{w_s}", x, dy, preferred_element_type=jnp.float32)
+        if chunk is None:
+            dw = dw.astype(w.dtype)
+        else:  # back to each part's [in, F]
+            dw = tuple(dw[..., i * chunk:(i + 1) * chunk].reshape(p.shape).astype(p.dtype) for i, p in enumerate(w))
+    elif chunk is not None:
+        dw = tuple(None for _ in w)
     return dx, dxa, dw, dsb
 
 

@@ -91,9 +91,9 @@ def _bwd(hidden_act, rank, res, dy):
     # default path computes them.
     gate, up = slice(0, rank), slice(rank, 2 * rank)
     dx_g, dxa_gate, dw_gate, dsb_gate = lora_fused_product._bwd(
-        _PROJECTION, (x, xa[..., gate], w_gate, sb_gate[gate], want_dw[0]), dg)
+        _PROJECTION, None, (x, xa[..., gate], w_gate, sb_gate[gate], want_dw[0]), dg)
     dx_u, dxa_up, dw_up, dsb_up = lora_fused_product._bwd(
-        _PROJECTION, (x, xa[..., up], w_up, sb_up[up], want_dw[1]), du)
+        _PROJECTION, None, (x, xa[..., up], w_up, sb_up[up], want_dw[1]), du)
     pad = xa.shape[-1] - 2 * rank
     dxa = jnp.concatenate([dxa_gate, dxa_up, jnp.zeros(dxa_gate.shape[:-1] + (pad,), dxa_gate.dtype)], axis=-1)
     dsb_gate = jnp.pad(dsb_gate, ((0, rank + pad), (0, 0)))
