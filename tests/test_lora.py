@@ -148,6 +148,35 @@ def test_widening_projections_take_one_matmul_over_x_and_xa():
     assert (dots(ours), dots(two_products)) == (6, 8)
 
 
+def test_fused_lora_product_over_interleaved_parts():
+    """With `chunk`, the fused product takes its base as parts interleaved chunk by chunk (the joint
+    gate/up form): value and every gradient, the parts' own included when they are differentiated,
+    as autodiff of x@interleave(W₁, W₂) + xa@sB; only the parts are kept for the backward."""
+    from jaxtune.lora_fused_product import fused_lora_product, interleaved
+
+    ks = jax.random.split(jax.random.key(4), 5)
+    x, xa = jax.random.normal(ks[0], (2, 8, 16)), jax.random.normal(ks[1], (2, 8, 6))
+    w1, w2 = jax.random.normal(ks[2], (16, 32)), jax.random.normal(ks[3], (16, 32))
+    sb = jax.random.normal(ks[4], (6, 4, 16))  # [r, F/c, 2c] with c = 8
+    spec = "btd,dkc->btkc"
+
+    def ours(x, xa, w1, w2, sb):
+        return fused_lora_product(spec, x, xa, (w1, w2), sb, 8)
+
+    def plain(x, xa, w1, w2, sb):
+        return jnp.einsum(spec, x, interleaved((w1, w2), 8)) + jnp.einsum("btr,rkc->btkc", xa, sb)
+
+    args = (x, xa, w1, w2, sb)
+    np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(interleaved((w1, w2), 8)[:, 1, 8:], w2[:, 8:16])  # chunk 1 of the second part
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    for got, want in zip(jax.grad(loss(ours), argnums=tuple(range(5)))(*args),
+                         jax.grad(loss(plain), argnums=tuple(range(5)))(*args)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    _, vjp = jax.vjp(lambda xa, sb: ours(x, xa, w1, w2, sb), xa, sb)  # frozen parts
+    assert (16, 4, 16) not in {tuple(leaf.shape) for leaf in jax.tree.leaves(vjp)}
+
+
 def test_fused_lora_product_shards_like_the_two_products():
     """The whole model with gate/up on the fused product, sharded over data, fsdp and tensor (each
     device still has 32 tokens ≥ 4 × 8 inputs), gives the unsharded logits and gradients."""
