@@ -147,17 +147,24 @@ def test_takes_only_plain_lora_down_without_dropout(monkeypatch):
     assert uses_kernel({**base, "gate_proj": {"kernel": base["gate_proj"]["kernel"].base}})
 
 
-def test_sharded_model_matches_unsharded(monkeypatch):
+@pytest.mark.parametrize("joint", [False, True], ids=["gate-and-up", "joint-gate-up"])
+def test_sharded_model_matches_unsharded(monkeypatch, joint):
     """The whole model over data, fsdp and tensor (the kernel per shard, the mlp dimension split
-    over tensor) gives the unsharded loss and gradients."""
+    over tensor) gives the unsharded loss and gradients; with gate and up as one product
+    (`JOINT_GATE_UP`) the chunks split over tensor keep each gate column with its up column."""
     from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
 
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8)
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", joint)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    # joint: 32 tokens per device over 8 inputs, so that the fused product pays (tokens >= 4 x inputs)
+    width = dict(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4) if joint else \
+        dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = ModelConfig(family="llama", vocab_size=64, intermediate_size=128, num_layers=2, **width)
     adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
                                             lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
-    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad")
+    kernel_name = "jaxtune_lora_activation_grad" + ("_joint" if joint else "")
+    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward=kernel_name)
 
 
 def test_lowers_to_triton():
@@ -231,22 +238,6 @@ def test_joint_gate_up_only_where_it_applies(monkeypatch):
     assert not _joint_kernel_traced(_mlp_params(f=80), x)  # 80 columns: not whole chunks of 32
     assert not _joint_kernel_traced(_mlp_params(gate_dropout=0.2), x, dropout_key=jax.random.key(0))  # own masks
     assert not _joint_kernel_traced({**params, "up_proj": {"kernel": params["up_proj"]["kernel"].base}}, x)
-
-
-def test_joint_gate_up_sharded_model_matches_unsharded(monkeypatch):
-    """The whole model over data, fsdp and tensor with gate and up as one product: the chunks split
-    over tensor keep each gate column with its up column."""
-    from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
-
-    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
-    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
-    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
-    # 32 tokens per device over 8 inputs: the fused product pays (tokens >= 4 x inputs)
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=8, intermediate_size=128, num_layers=2,
-                      num_heads=2, num_kv_heads=1, head_dim=4)
-    adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
-                                            lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
-    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad_joint")
 
 
 def test_joint_kernel_lowers_to_triton():
