@@ -56,7 +56,7 @@ from jaxtune import quant
 from jaxtune.lora_fused_product import fused_lora_product, pays_off
 from jaxtune.lora_gated_down import JOINT, lora_gated_down, lora_gated_down_joint
 from jaxtune import lora_gate_up
-from jaxtune.sharding import constrain
+from jaxtune.sharding import constrain, shard_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +285,8 @@ def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
     `GATE_UP_CHUNK`) from one fused `[x | xa]` product over both (lora_fused_product.py: bases
     interleaved chunk by chunk inside it, A's side by side, B's block-diagonal), or None where that
     is off, either is not plain LoRA over a dense base (`_concatenable`), F is not a multiple of c,
-    or the fused product would not pay (`pays_off`).
+    the fused product would not pay (`pays_off`), or the chunks would not split over the mesh as
+    the mlp dimension does.
 
     Against two projections: x is concatenated with the adapters' inputs once instead of twice;
     the backward's `[dx | dxa]` comes from one matmul that already sums gate's and up's terms of
@@ -298,6 +299,9 @@ def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
         return None
     if not pays_off("btd,dkc->btkc", x.shape, (d, f // c, 2 * c)):
         return None
+    b_t = x.shape[:2]
+    if shard_counts(JOINT, b_t + (f // c, 2 * c))[2] != shard_counts(MLP, b_t + (f,))[2]:
+        return None  # the chunks would not split over devices as the mlp dimension does
     a, b = _side_by_side_adapters([gate, up], [(f // c, c)] * 2)
     x = x.astype(dtype)
     xa = jnp.einsum("btd,dr->btr", x, a.astype(dtype), preferred_element_type=dtype)

@@ -238,6 +238,14 @@ def test_joint_gate_up_only_where_it_applies(monkeypatch):
     assert not _joint_kernel_traced(_mlp_params(f=80), x)  # 80 columns: not whole chunks of 32
     assert not _joint_kernel_traced(_mlp_params(gate_dropout=0.2), x, dropout_key=jax.random.key(0))  # own masks
     assert not _joint_kernel_traced({**params, "up_proj": {"kernel": params["up_proj"]["kernel"].base}}, x)
+    from jaxtune.mesh import make_mesh
+    from jaxtune.sharding import activation_sharding, merged_rules
+
+    with activation_sharding(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), merged_rules()):
+        x4 = jax.random.normal(jax.random.key(1), (2, 128, 32))  # 128 tokens per device
+        assert _joint_kernel_traced(_mlp_params(f=128), x4)
+        # 96 mlp columns split over 2 devices, but 3 chunks of 32 do not: the two projections
+        assert not _joint_kernel_traced(_mlp_params(f=96), x4)
 
 
 def test_joint_kernel_lowers_to_triton():
