@@ -147,24 +147,17 @@ def test_takes_only_plain_lora_down_without_dropout(monkeypatch):
     assert uses_kernel({**base, "gate_proj": {"kernel": base["gate_proj"]["kernel"].base}})
 
 
-@pytest.mark.parametrize("joint", [False, True], ids=["gate-and-up", "joint-gate-up"])
-def test_sharded_model_matches_unsharded(monkeypatch, joint):
+def test_sharded_model_matches_unsharded(monkeypatch):
     """The whole model over data, fsdp and tensor (the kernel per shard, the mlp dimension split
-    over tensor) gives the unsharded loss and gradients; with gate and up as one product
-    (`JOINT_GATE_UP`) the chunks split over tensor keep each gate column with its up column."""
+    over tensor) gives the unsharded loss and gradients."""
     from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
 
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
-    monkeypatch.setattr(lora, "JOINT_GATE_UP", joint)
-    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
-    # joint: 32 tokens per device over 8 inputs, so that the fused product pays (tokens >= 4 x inputs)
-    width = dict(hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4) if joint else \
-        dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
-    cfg = ModelConfig(family="llama", vocab_size=64, intermediate_size=128, num_layers=2, **width)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
                                             lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
-    kernel_name = "jaxtune_lora_activation_grad" + ("_joint" if joint else "")
-    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward=kernel_name)
+    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad")
 
 
 def test_lowers_to_triton():
@@ -246,6 +239,28 @@ def test_joint_gate_up_only_where_it_applies(monkeypatch):
         assert _joint_kernel_traced(_mlp_params(f=128), x4)
         # 96 mlp columns split over 2 devices, but 3 chunks of 32 do not: the two projections
         assert not _joint_kernel_traced(_mlp_params(f=96), x4)
+
+
+def test_joint_gate_up_sharded_matches_unsharded(monkeypatch):
+    """The block with gate and up as one product over data × tensor: the chunks split over tensor
+    keep each gate column with its up column (the kernel per shard), loss and gradients as unsharded."""
+    from jaxtune.mesh import make_mesh
+    from jaxtune.sharding import activation_sharding, merged_rules
+
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (4, 64, 32))  # 128 tokens per device
+    grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
+    with activation_sharding(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), merged_rules()):
+        assert _joint_kernel_traced(params, x)
+        text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, jnp.float32))(params, x))
+        assert "shard_map" in text
+        got_loss, got = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
+    want_loss, want = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(a, b) < 1e-5
 
 
 def test_joint_kernel_lowers_to_triton():
