@@ -59,22 +59,17 @@ def fused_lora_product(spec: str, x: jax.Array, xa: jax.Array, w, sb: jax.Array,
     all in one dtype.
 
     With `chunk`, w is a tuple of kernels `[in, F]` and W their outputs side by side chunk by chunk,
-    `[in, F/chunk, n·chunk]` (`interleaved`): formed inside, so that the backward keeps the parts
-    (parameters, alive anyway) rather than a copy of their concatenation per layer."""
+    `[in, F/chunk, n·chunk]` (chunk j holds columns `[j·chunk, (j+1)·chunk)` of each part in turn):
+    formed inside, so that the backward keeps the parts (parameters, alive anyway) rather than a
+    copy of their interleaving per layer."""
     return _product(spec, x, xa, w, sb, chunk)
-
-
-def interleaved(parts, chunk: int) -> jax.Array:
-    """Kernels `[in, F]` as one `[in, F/chunk, n·chunk]`: chunk j holds columns `[j·chunk,
-    (j+1)·chunk)` of each part in turn."""
-    return jnp.concatenate([p.reshape(p.shape[0], p.shape[1] // chunk, chunk) for p in parts], axis=-1)
 
 
 def _augmented_kernel(w, sb, chunk):
     """`[W ; sB]`: `[in + r, *out]`. Formed again in the backward rather than kept from the forward,
     which would hold a copy of every fused kernel from each layer's forward to its backward.
 
-    With `chunk`, `[interleaved(parts) ; sB]` as a sum of zero-padded pieces: one elementwise pass
+    With `chunk`, `[parts interleaved ; sB]` as a sum of zero-padded pieces: one elementwise pass
     writing the result. The same as two nested concatenations, which XLA (on CPU at least) ran as
     two passes, writing the interleaved parts out first."""
     if chunk is None:

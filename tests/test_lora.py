@@ -152,7 +152,10 @@ def test_fused_lora_product_over_interleaved_parts():
     """With `chunk`, the fused product takes its base as parts interleaved chunk by chunk (the joint
     gate/up form): value and every gradient, the parts' own included when they are differentiated,
     as autodiff of x@interleave(W₁, W₂) + xa@sB; only the parts are kept for the backward."""
-    from jaxtune.lora_fused_product import fused_lora_product, interleaved
+    from jaxtune.lora_fused_product import fused_lora_product
+
+    def interleaved(parts, chunk):  # [in, F] each -> [in, F/chunk, n·chunk], chunk by chunk
+        return jnp.concatenate([p.reshape(p.shape[0], -1, chunk) for p in parts], axis=-1)
 
     ks = jax.random.split(jax.random.key(4), 5)
     x, xa = jax.random.normal(ks[0], (2, 8, 16)), jax.random.normal(ks[1], (2, 8, 6))
