@@ -74,7 +74,9 @@ class JaxtuneKnobs:
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
     gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
-    joint_gate_up: bool = False  # LoRA gate/up as one matmul (jaxtune/lora.py JOINT_GATE_UP; off in the trainer)
+    joint_gate_up: str | None = None  # LoRA gate/up as one matmul: "on" or "off" (two projections); None: the
+    # trainer's (jaxtune/lora.py JOINT_GATE_UP)
+    gate_up_chunk: int | None = None  # columns per chunk of that matmul (None: jaxtune/lora.py GATE_UP_CHUNK)
     norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
@@ -86,7 +88,8 @@ class JaxtuneKnobs:
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
                 + (["--gate-up-kernel"] if self.gate_up_kernel else [])
-                + (["--joint-gate-up"] if self.joint_gate_up else [])
+                + (["--joint-gate-up", self.joint_gate_up] if self.joint_gate_up else [])
+                + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
@@ -147,10 +150,13 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
     from jaxtune.train.step import StepSettings, make_train_step
 
     cfg = ModelConfig(family="llama", **shape)
-    if knobs.joint_gate_up:
+    if knobs.joint_gate_up or knobs.gate_up_chunk:
         from jaxtune import lora
 
-        lora.JOINT_GATE_UP = True
+        if knobs.joint_gate_up:
+            lora.JOINT_GATE_UP = knobs.joint_gate_up == "on"
+        if knobs.gate_up_chunk:
+            lora.GATE_UP_CHUNK = knobs.gate_up_chunk
     if knobs.norm_kernels:
         from jaxtune.model import norm
 
@@ -480,9 +486,12 @@ def main() -> None:
     parser.add_argument("--gate-up-kernel", action="store_true",
                         help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
                              "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
-    parser.add_argument("--joint-gate-up", action="store_true",
+    parser.add_argument("--joint-gate-up", choices=("on", "off"), default=None,
                         help="jaxtune: LoRA gate/up projections as one matmul over both kernels, chunk by chunk "
-                             "(jaxtune/lora.py JOINT_GATE_UP; off in the trainer until measured)")
+                             "(on) or as two projections (off); default: the trainer's (jaxtune/lora.py "
+                             "JOINT_GATE_UP, on)")
+    parser.add_argument("--gate-up-chunk", type=int, default=None,
+                        help="jaxtune: columns per chunk of that matmul (default: jaxtune/lora.py GATE_UP_CHUNK)")
     parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
                         help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
                              "or as XLA's fusions of the plain form (off); default: the trainer's "
@@ -501,7 +510,8 @@ def main() -> None:
     args = parser.parse_args()
     knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
                          remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
-                         joint_gate_up=args.joint_gate_up, norm_kernels=args.norm_kernels)
+                         joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
+                         norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]

@@ -231,9 +231,16 @@ def test_joint_gate_up_only_where_it_applies(monkeypatch):
     assert not _joint_kernel_traced(_mlp_params(f=80), x)  # 80 columns: not whole chunks of 32
     assert not _joint_kernel_traced(_mlp_params(gate_dropout=0.2), x, dropout_key=jax.random.key(0))  # own masks
     assert not _joint_kernel_traced({**params, "up_proj": {"kernel": params["up_proj"]["kernel"].base}}, x)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (8 forced CPU devices in the suite)")
+def test_joint_gate_up_only_where_its_chunks_split_as_the_mlp_dim(monkeypatch):
     from jaxtune.mesh import make_mesh
     from jaxtune.sharding import activation_sharding, merged_rules
 
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
+    monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
+    monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
     with activation_sharding(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), merged_rules()):
         x4 = jax.random.normal(jax.random.key(1), (2, 128, 32))  # 128 tokens per device
         assert _joint_kernel_traced(_mlp_params(f=128), x4)
@@ -241,6 +248,7 @@ def test_joint_gate_up_only_where_it_applies(monkeypatch):
         assert not _joint_kernel_traced(_mlp_params(f=96), x4)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (8 forced CPU devices in the suite)")
 def test_joint_gate_up_sharded_matches_unsharded(monkeypatch):
     """The block with gate and up as one product over data × tensor: the chunks split over tensor
     keep each gate column with its up column (the kernel per shard), loss and gradients as unsharded."""
