@@ -616,6 +616,41 @@ def _bounds_spec(index_map):
     return pl.BlockSpec((None, None, _BOUNDS_COLS), index_map)
 
 
+@dataclasses.dataclass(frozen=True)
+class _QueryBlocks:
+    """The grid of a kernel with one program per (query block, head, batch) that walks kv blocks
+    (the forward and dQ): the block schedule and the block specs, with index maps `(i, hh, bb)`.
+    Under a causal mask query blocks run last to first (`reverse`): the heaviest programs start
+    first."""
+
+    bounds: jax.Array
+    count: int  # query blocks
+    reverse: bool
+    bounds_spec: pl.BlockSpec
+    q_block: pl.BlockSpec  # [block_q, D] of one head, for [B, Sq, H, D] arrays
+    rows: pl.BlockSpec  # [block_q] of one head, for [B, H, Sq] arrays
+    kv_head: pl.BlockSpec  # all of the head's kv head, for [B, Skv, KH, D] arrays
+    segment_specs: tuple  # (q's, kv's) segment ids, or (None, None) unsegmented
+
+
+def _query_blocks(q, k, q_seg, kv_seg, pos, st: _Static, bq: int, bk: int) -> _QueryBlocks:
+    b, sq, h, d = q.shape
+    _, skv, kh, _ = k.shape
+    group, nq, reverse = h // kh, sq // bq, st.flags.causal
+    bounds = _schedule(batch=b, sq=sq, skv=skv, block_q=bq, block_kv=bk, delta=pos[0], window=pos[1],
+                       flags=st.flags, q_seg=q_seg, kv_seg=kv_seg, rows_are_q=True)
+    qi = (lambda i: nq - 1 - i) if reverse else (lambda i: i)
+    segments = (pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, qi(i))),
+                pl.BlockSpec((None, skv), lambda i, hh, bb: (bb, 0))) if st.flags.segmented else (None, None)
+    return _QueryBlocks(
+        bounds=bounds, count=nq, reverse=reverse,
+        bounds_spec=_bounds_spec(lambda i, hh, bb: (bb, qi(i), 0)),
+        q_block=pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, qi(i), hh, 0)),
+        rows=pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, qi(i))),
+        kv_head=pl.BlockSpec((None, skv, None, d), lambda i, hh, bb: (bb, 0, hh // group, 0)),
+        segment_specs=segments)
+
+
 def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
     """out [B, Sq, H, D] and base-2 lse [B, H, Sq]: one program per (query block, head, batch).
 
@@ -629,38 +664,9 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
         return mosaic_forward(q, k, v, causal=st.flags.causal, scale_log2=st.sm_scale * _LOG2E,
                               interpret=st.interpret)
     b, sq, h, d = q.shape
-    _, skv, kh, _ = k.shape
-    group = h // kh
     bq, bk = st.blocks.block_q, st.blocks.block_kv
-    nq = sq // bq
-    bounds = _schedule(
-        batch=b,
-        sq=sq,
-        skv=skv,
-        block_q=bq,
-        block_kv=bk,
-        delta=pos[0],
-        window=pos[1],
-        flags=st.flags,
-        q_seg=q_seg,
-        kv_seg=kv_seg,
-        rows_are_q=True,
-    )
-    reverse = st.flags.causal
-    qi = (lambda i: nq - 1 - i) if reverse else (lambda i: i)
-    in_specs = [
-        _bounds_spec(lambda i, hh, bb: (bb, qi(i), 0)),
-        pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, qi(i), hh, 0)),
-        pl.BlockSpec((None, skv, None, d), lambda i, hh, bb: (bb, 0, hh // group, 0)),
-        pl.BlockSpec((None, skv, None, d), lambda i, hh, bb: (bb, 0, hh // group, 0)),
-    ]
-    if st.flags.segmented:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, qi(i))),
-            pl.BlockSpec((None, skv), lambda i, hh, bb: (bb, 0)),
-        ]
-    else:
-        in_specs += [None, None]
+    qb = _query_blocks(q, k, q_seg, kv_seg, pos, st, bq, bk)
+    in_specs = [qb.bounds_spec, qb.q_block, qb.kv_head, qb.kv_head, *qb.segment_specs]
     return pl.pallas_call(
         functools.partial(
             _fwd_kernel,
@@ -669,14 +675,11 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
             block_q=bq,
             block_kv=bk,
             flags=st.flags,
-            num_q_blocks=nq,
-            reverse=reverse,
+            num_q_blocks=qb.count,
+            reverse=qb.reverse,
             block_axis=int(st.blocks.fwd_heads_fastest),
         ),
-        **_ordered(st.blocks.fwd_heads_fastest, (nq, h, b), in_specs, [
-            pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, qi(i), hh, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, qi(i))),
-        ]),
+        **_ordered(st.blocks.fwd_heads_fastest, (qb.count, h, b), in_specs, [qb.q_block, qb.rows]),
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
@@ -684,7 +687,7 @@ def _fwd_call(q, k, v, q_seg, kv_seg, pos, st: _Static):
         compiler_params=_params(st.blocks.num_warps_fwd, st.blocks.num_stages_fwd),
         interpret=st.interpret,
         name="jaxtune_flash_fwd",
-    )(bounds, q, k, v, q_seg, kv_seg)
+    )(qb.bounds, q, k, v, q_seg, kv_seg)
 
 
 def _dkv_call(q, k, v, q_seg, kv_seg, pos, lse2, di, do, st: _Static):
@@ -785,64 +788,28 @@ def _dq_call(q, k, v, q_seg, kv_seg, pos, lse2, o, dlse2, do, st: _Static):
     D `[B, H, Sq]` float32 is FlashAttention-2's rowsum(O∘dO) less the lse cotangent (0 on rows
     that saw no key), computed here for the dK/dV kernel, which runs after this one."""
     b, sq, h, d = q.shape
-    _, skv, kh, _ = k.shape
-    group = h // kh
-    bq, bk = st.blocks.block_q_dq, st.blocks.block_kv_dq
-    nq = sq // bq
-    bounds = _schedule(
-        batch=b,
-        sq=sq,
-        skv=skv,
-        block_q=bq,
-        block_kv=bk,
-        delta=pos[0],
-        window=pos[1],
-        flags=st.flags,
-        q_seg=q_seg,
-        kv_seg=kv_seg,
-        rows_are_q=True,
-    )
-    reverse = st.flags.causal
-    qi = (lambda i: nq - 1 - i) if reverse else (lambda i: i)
-    qblk = pl.BlockSpec((None, bq, None, d), lambda i, hh, bb: (bb, qi(i), hh, 0))
-    rowblk = pl.BlockSpec((None, None, bq), lambda i, hh, bb: (bb, hh, qi(i)))
-    kvfull = pl.BlockSpec((None, skv, None, d), lambda i, hh, bb: (bb, 0, hh // group, 0))
-    in_specs = [
-        _bounds_spec(lambda i, hh, bb: (bb, qi(i), 0)),
-        qblk,
-        kvfull,
-        kvfull,
-        qblk,
-        qblk,
-        rowblk,
-        rowblk,
-    ]
-    if st.flags.segmented:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, hh, bb: (bb, qi(i))),
-            pl.BlockSpec((None, skv), lambda i, hh, bb: (bb, 0)),
-        ]
-    else:
-        in_specs += [None, None]
+    qb = _query_blocks(q, k, q_seg, kv_seg, pos, st, st.blocks.block_q_dq, st.blocks.block_kv_dq)
+    in_specs = [qb.bounds_spec, qb.q_block, qb.kv_head, qb.kv_head, qb.q_block, qb.q_block, qb.rows, qb.rows,
+                *qb.segment_specs]
     return pl.pallas_call(
         functools.partial(
             _dq_kernel,
             exp2=_exp2_for(st, q.dtype),
             scale_log2=st.sm_scale * _LOG2E,
             sm_scale=st.sm_scale,
-            block_q=bq,
-            block_kv=bk,
+            block_q=st.blocks.block_q_dq,
+            block_kv=st.blocks.block_kv_dq,
             flags=st.flags,
-            num_q_blocks=nq,
-            reverse=reverse,
+            num_q_blocks=qb.count,
+            reverse=qb.reverse,
             block_axis=int(st.blocks.bwd_heads_fastest),
         ),
-        **_ordered(st.blocks.bwd_heads_fastest, (nq, h, b), in_specs, [qblk, rowblk]),
+        **_ordered(st.blocks.bwd_heads_fastest, (qb.count, h, b), in_specs, [qb.q_block, qb.rows]),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse2.shape, jnp.float32)],
         compiler_params=_params(st.blocks.num_warps_dq, st.blocks.num_stages_dq),
         interpret=st.interpret,
         name="jaxtune_flash_bwd_dq",
-    )(bounds, q, k, v, do, o, lse2, dlse2, q_seg, kv_seg)
+    )(qb.bounds, q, k, v, do, o, lse2, dlse2, q_seg, kv_seg)
 
 
 # --------------------------------------------------------------------------------------------
