@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jaxtune import lora_fused_product, lora_gated_down
 from jaxtune.kernels import gate_up_activation_mosaic as kernel
 from jaxtune.model.mlp import MLP
-from jaxtune.sharding import active_spec
+from jaxtune.sharding import split_spec
 
 # "off": never (the default: level with the default path in the step); "auto": compiled on a GPU;
 # "interpret": in Mosaic GPU's interpret mode anywhere (CPU tests).
@@ -43,8 +43,7 @@ def takes(x_shape: tuple[int, ...], mlp: int, rank: int, dtype, hidden_act: str)
     adapters of rank `rank` on gate and up."""
     if KERNEL == "off" or (KERNEL == "auto" and jax.default_backend() != "gpu"):
         return False
-    spec = active_spec(MLP, x_shape[:2] + (mlp,))
-    if spec is not None and any(e is not None for e in spec):
+    if split_spec(MLP, x_shape[:2] + (mlp,)) is not None:
         return False
     b, t, d = x_shape
     return 2 * rank <= kernel.ADAPTER_K and kernel.supports(b * t, d, mlp, kernel.ADAPTER_K, dtype, hidden_act) is None

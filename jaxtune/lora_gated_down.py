@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import REFERENCE
 from jaxtune.model.mlp import MLP
-from jaxtune.sharding import active_mesh, active_spec, constrain, shard_counts
+from jaxtune.sharding import constrain, per_shard, shard_counts, split_spec
 
 # "auto": the Pallas kernel on a GPU, its jnp reference elsewhere; "off": the reference everywhere;
 # "interpret": the kernel everywhere, in Pallas interpret mode off a GPU (CPU tests).
@@ -143,8 +143,7 @@ _gated_down_joint.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)
 def _activation_grad_joint(gu, dh_base, dha, a_down, hidden_act):
     """gu's gradient: the kernel per shard where it runs, else its reference on the whole arrays."""
     use, interpret = _kernel_mode()
-    spec = active_spec(JOINT, gu.shape)
-    sharded = spec is not None and any(e is not None for e in spec)
+    spec = split_spec(JOINT, gu.shape)
     counts = shard_counts(JOINT, gu.shape)
     local_rows = (gu.shape[0] // counts[0]) * (gu.shape[1] // counts[1])
     chunks, c = gu.shape[2] // counts[2], gu.shape[3] // 2
@@ -157,18 +156,16 @@ def _activation_grad_joint(gu, dh_base, dha, a_down, hidden_act):
         return kernel.activation_grad_joint(flat(gu), flat(dh_base), flat(dha), a, hidden_act,
                                             interpret=interpret).reshape(gu.shape)
 
-    if not sharded:
+    if spec is None:
         return run(gu, dh_base, dha, a_down)
-    return jax.shard_map(run, mesh=active_mesh(), in_specs=(spec, P(*spec[:3]), P(spec[0], spec[1], None),
-                                                             P(spec[2], None)),
-                         out_specs=spec, check_vma=False)(gu, dh_base, dha, a_down)
+    rows = P(spec[0], spec[1], None)
+    return per_shard(run, (spec, P(*spec[:3]), rows, P(spec[2], None)), spec)(gu, dh_base, dha, a_down)
 
 
 def _activation_grad(g, u, dh_base, dha, a_down, hidden_act):
     """`(dg, du)`: the kernel per shard where it runs, else its reference on the whole arrays."""
     use, interpret = _kernel_mode()
-    spec = active_spec(MLP, g.shape)
-    sharded = spec is not None and any(e is not None for e in spec)
+    spec = split_spec(MLP, g.shape)
     counts = shard_counts(MLP, g.shape)
     local_rows = (g.shape[0] // counts[0]) * (g.shape[1] // counts[1])
     if not (use and kernel.supports(local_rows, g.shape[2] // counts[2], g.dtype, hidden_act)):
@@ -180,8 +177,7 @@ def _activation_grad(g, u, dh_base, dha, a_down, hidden_act):
         dg, du = kernel.activation_grad(flat(g), flat(u), flat(dh_base), flat(dha), a, hidden_act, interpret=interpret)
         return dg.reshape(b, t, f), du.reshape(b, t, f)
 
-    if not sharded:
+    if spec is None:
         return run(g, u, dh_base, dha, a_down)
     rows = P(spec[0], spec[1], None)
-    return jax.shard_map(run, mesh=active_mesh(), in_specs=(spec, spec, spec, rows, P(spec[2], None)),
-                         out_specs=(spec, spec), check_vma=False)(g, u, dh_base, dha, a_down)
+    return per_shard(run, (spec, spec, spec, rows, P(spec[2], None)), (spec, spec))(g, u, dh_base, dha, a_down)

@@ -100,6 +100,20 @@ def active_spec(names: tuple[str | None, ...], shape: tuple[int, ...]) -> Partit
     return partition_spec(names, shape, mesh, rules)
 
 
+def split_spec(names: tuple[str | None, ...], shape: tuple[int, ...]) -> PartitionSpec | None:
+    """`active_spec`, or None where that splits nothing (outside `activation_sharding`, or every
+    dimension whole): where a kernel can take the whole array as it is."""
+    spec = active_spec(names, shape)
+    return None if spec is None or all(entry is None for entry in spec) else spec
+
+
+def per_shard(fn, in_specs, out_specs):
+    """`fn` run on each device's shards of the active mesh (`shard_map`): how a kernel runs under
+    a mesh, a `pallas_call` having no sharding rule of its own. Replication is not checked: the
+    callers' outputs are split as `out_specs` say by construction."""
+    return jax.shard_map(fn, mesh=active_mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def shard_counts(names: tuple[str | None, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     """How many pieces each dimension of an array is cut into under the active rules (all 1 outside
     `activation_sharding`)."""

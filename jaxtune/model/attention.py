@@ -90,7 +90,7 @@ def _flash_per_shard(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, sm_scale):
     (data, fsdp) and kv heads (tensor); q's heads follow k's, keeping every GQA group on one device.
     """
     from jaxtune.kernels.flash_attention import flash_attention
-    from jaxtune.sharding import active_mesh, active_spec
+    from jaxtune.sharding import per_shard, split_spec
 
     interpret = jax.default_backend() == "cpu"
     static_window = isinstance(window, int)
@@ -100,11 +100,11 @@ def _flash_per_shard(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, sm_scale):
                                window=window if static_window else win, interpret=interpret)
 
     win = jnp.int32(0) if static_window else jnp.asarray(window, jnp.int32)
-    kv_spec = active_spec(("act_batch", None, "act_kv_heads", None), k_btkh.shape)
-    if kv_spec is None or all(axes is None for axes in kv_spec):
+    kv_spec = split_spec(("act_batch", None, "act_kv_heads", None), k_btkh.shape)
+    if kv_spec is None:
         return attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)
     batch_axes, _, head_axes, _ = kv_spec
     x_spec = P(batch_axes, None, head_axes, None)
     seg_spec = None if segment_ids_bt is None else P(batch_axes, None)
-    return jax.shard_map(attend, mesh=active_mesh(), in_specs=(x_spec, x_spec, x_spec, seg_spec, P()),
-                         out_specs=x_spec, check_vma=False)(q_btnh, k_btkh, v_btkh, segment_ids_bt, win)
+    return per_shard(attend, (x_spec, x_spec, x_spec, seg_spec, P()), x_spec)(q_btnh, k_btkh, v_btkh,
+                                                                               segment_ids_bt, win)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.kernels import rms_norm as kernel
-from jaxtune.sharding import active_mesh, active_spec, shard_counts
+from jaxtune.sharding import per_shard, shard_counts, split_spec
 
 # "auto" (the default): the kernels on a GPU, the plain form elsewhere; "off": the plain form
 # everywhere; "interpret": the kernels everywhere, in Pallas interpret mode off a GPU (CPU tests).
@@ -93,13 +93,13 @@ def _per_shard(fn, names, h, *args):
         args = [a.reshape((bl * tl,) + a.shape[2:]) if r else a for a, r in zip(args, rowwise)]
         return jax.tree.map(lambda o: o.reshape((bl, tl) + o.shape[1:]), fn(h.reshape(bl * tl, d), *args))
 
-    spec = active_spec(names, h.shape)
-    if spec is None or all(e is None for e in spec):
+    spec = split_spec(names, h.shape)
+    if spec is None:
         return flat(h, *args)
     split = lambda ndim: P(spec[0], spec[1], *([None] * (ndim - 2)))
     out_specs = jax.tree.map(lambda o: split(o.ndim), jax.eval_shape(flat, h, *args))
-    return jax.shard_map(flat, mesh=active_mesh(), in_specs=(split(3),) + tuple(
-        split(a.ndim) if r else P() for a, r in zip(args, rowwise)), out_specs=out_specs, check_vma=False)(h, *args)
+    in_specs = (split(3),) + tuple(split(a.ndim) if r else P() for a, r in zip(args, rowwise))
+    return per_shard(flat, in_specs, out_specs)(h, *args)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
