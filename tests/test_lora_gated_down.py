@@ -19,8 +19,6 @@ from jaxtune import lora, lora_gated_down
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import ACTIVATIONS
 from jaxtune.model import mlp as mlp_module
-from jaxtune.model.config import ModelConfig
-from jaxtune.model.params import init_params
 
 
 def _rel(got, want) -> float:
@@ -147,17 +145,26 @@ def test_takes_only_plain_lora_down_without_dropout(monkeypatch):
     assert uses_kernel({**base, "gate_proj": {"kernel": base["gate_proj"]["kernel"].base}})
 
 
-def test_sharded_model_matches_unsharded(monkeypatch):
-    """The whole model over data, fsdp and tensor (the kernel per shard, the mlp dimension split
-    over tensor) gives the unsharded loss and gradients."""
-    from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (8 forced CPU devices in the suite)")
+def test_sharded_block_matches_unsharded(monkeypatch):
+    """The block over data × fsdp × tensor (the kernel per shard: tokens split over data and fsdp,
+    the mlp dimension over tensor, each shard with its rows of A_down) gives the unsharded loss and
+    gradients. (The whole model on the same mesh: test_lora.py's sharded tests.)"""
+    from jaxtune.mesh import make_mesh
+    from jaxtune.sharding import activation_sharding, merged_rules
 
+    monkeypatch.setattr(lora, "JOINT_GATE_UP", False)
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8)
-    adapted = randomize_adapters(lora.apply(init_params(cfg, jax.random.key(0)),
-                                            lora.LoraConfig(r=4, alpha=8.0, target_linear=True), cfg, jax.random.key(1)))
-    assert_sharded_model_matches_unsharded(adapted, cfg, traced_in_backward="jaxtune_lora_activation_grad")
+    params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (4, 16, 32))
+    grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
+    with activation_sharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), merged_rules()):
+        text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, jnp.float32))(params, x))
+        assert "shard_map" in text and "jaxtune_lora_activation_grad" in text
+        got_loss, got = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
+    want_loss, want = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(a, b) < 1e-5
 
 
 def test_lowers_to_triton():
