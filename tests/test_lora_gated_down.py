@@ -150,21 +150,31 @@ def test_sharded_block_matches_unsharded(monkeypatch):
     """The block over data × fsdp × tensor (the kernel per shard: tokens split over data and fsdp,
     the mlp dimension over tensor, each shard with its rows of A_down) gives the unsharded loss and
     gradients. (The whole model on the same mesh: test_lora.py's sharded tests.)"""
-    from jaxtune.mesh import make_mesh
-    from jaxtune.sharding import activation_sharding, merged_rules
-
     monkeypatch.setattr(lora, "JOINT_GATE_UP", False)
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
     params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (4, 16, 32))
+    text = _assert_sharded_block_matches_unsharded(params, x, {"data": 2, "fsdp": 2, "tensor": 2})
+    assert "jaxtune_lora_activation_grad" in text
+
+
+def _assert_sharded_block_matches_unsharded(params, x, mesh_sizes: dict) -> str:
+    """The block's loss and gradients under activation sharding on a mesh of `mesh_sizes` equal the
+    unsharded ones, the kernel running per shard (`shard_map` in the backward); returns that
+    backward's jaxpr text."""
+    from jaxtune.mesh import make_mesh
+    from jaxtune.sharding import activation_sharding, merged_rules
+
     grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
-    with activation_sharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), merged_rules()):
+    devices = jax.devices()[:int(np.prod(list(mesh_sizes.values())))]
+    with activation_sharding(make_mesh(mesh_sizes, devices), merged_rules()):
         text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, jnp.float32))(params, x))
-        assert "shard_map" in text and "jaxtune_lora_activation_grad" in text
+        assert "shard_map" in text
         got_loss, got = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
     want_loss, want = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert _rel(a, b) < 1e-5
+    return text
 
 
 def test_lowers_to_triton():
@@ -259,23 +269,12 @@ def test_joint_gate_up_only_where_its_chunks_split_as_the_mlp_dim(monkeypatch):
 def test_joint_gate_up_sharded_matches_unsharded(monkeypatch):
     """The block with gate and up as one product over data × tensor: the chunks split over tensor
     keep each gate column with its up column (the kernel per shard), loss and gradients as unsharded."""
-    from jaxtune.mesh import make_mesh
-    from jaxtune.sharding import activation_sharding, merged_rules
-
     monkeypatch.setattr(lora, "JOINT_GATE_UP", True)
     monkeypatch.setattr(lora, "GATE_UP_CHUNK", 32)
     monkeypatch.setattr(lora_gated_down, "KERNELS", "interpret")
     params, x = _mlp_params(), jax.random.normal(jax.random.key(1), (4, 64, 32))  # 128 tokens per device
-    grad = jax.value_and_grad(_block_loss, argnums=(0, 1))
-    with activation_sharding(make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), merged_rules()):
-        assert _joint_kernel_traced(params, x)
-        text = str(jax.make_jaxpr(lambda p, x: jax.grad(_block_loss)(p, x, jnp.float32))(params, x))
-        assert "shard_map" in text
-        got_loss, got = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
-    want_loss, want = jax.jit(grad, static_argnums=2)(params, x, jnp.float32)
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert _rel(a, b) < 1e-5
+    text = _assert_sharded_block_matches_unsharded(params, x, {"data": 2, "tensor": 2})
+    assert "jaxtune_lora_activation_grad_joint" in text  # the joint kernel, traced under the mesh
 
 
 def test_joint_kernel_lowers_to_triton():
