@@ -31,6 +31,14 @@ CONVERSATION = [
     {"role": "assistant", "content": "Madrid."},
 ]
 
+# CONVERSATION in ChatML under the default masking: every assistant turn and its <|im_end|> trained.
+CHATML_DEFAULT_TRAINING = """
+    <|im_start|> system Be brief . <|im_end|>
+    <|im_start|> user What is the capital of France ? <|im_end|>
+    <|im_start|> assistant [[ Paris . <|im_end|> ]]
+    <|im_start|> user And of Spain ? <|im_end|>
+    <|im_start|> assistant [[ Madrid . <|im_end|> ]]"""
+
 
 def chat_format(tokenizer, cfg_extra=None, **dataset):
     cfg = config_from_dict({"base_model": "unused", "learning_rate": 1e-4,
@@ -79,12 +87,7 @@ def test_llama3_every_assistant_turn_and_its_eot_trained():
 def test_chatml_every_assistant_turn_and_its_im_end_trained():
     tok = word_tokenizer("chatml", tuple(WORDS))
     row = encode_one(chat_format(tok), {"messages": CONVERSATION})
-    assert_tokens(tok, row, """
-        <|im_start|> system Be brief . <|im_end|>
-        <|im_start|> user What is the capital of France ? <|im_end|>
-        <|im_start|> assistant [[ Paris . <|im_end|> ]]
-        <|im_start|> user And of Spain ? <|im_end|>
-        <|im_start|> assistant [[ Madrid . <|im_end|> ]]""")
+    assert_tokens(tok, row, CHATML_DEFAULT_TRAINING)
 
 
 def test_chatml_default_system_prompt_is_not_trained():
@@ -169,12 +172,7 @@ def test_sharegpt_from_value_and_role_names():
     row = encode_one(fmt, {"conversations": [{"from": names[m["role"]], "value": m["content"]}
                                              for m in CONVERSATION]})
     assert row.input_ids.tolist() == encode_one(chat_format(tok), {"messages": CONVERSATION}).input_ids.tolist()
-    assert_tokens(tok, row, """
-        <|im_start|> system Be brief . <|im_end|>
-        <|im_start|> user What is the capital of France ? <|im_end|>
-        <|im_start|> assistant [[ Paris . <|im_end|> ]]
-        <|im_start|> user And of Spain ? <|im_end|>
-        <|im_start|> assistant [[ Madrid . <|im_end|> ]]""")
+    assert_tokens(tok, row, CHATML_DEFAULT_TRAINING)
 
 
 def test_custom_property_mappings_and_drop_system():
