@@ -6,7 +6,14 @@ which pytest imports before any test module.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# --xla_backend_optimization_level=0: LLVM's optimisation passes are about half of XLA:CPU's compile
+# time, and compiling (not running) is most of nearly every test here: the programs are tiny and
+# run a few steps. Without them the suite takes ~40% less CPU time; XLA's own (HLO) passes, fusion,
+# sharding and buffer assignment are unchanged, so what is compiled and what tests inspect of it
+# (HLO text, memory analysis) stay the same. Tests that start processes set it in their own
+# XLA_FLAGS; only the 30-step runs of the SIGKILL test in tests/test_trainer.py keep LLVM's
+# optimisations, as there the slower steps would cost what the compile saves.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,7 +26,14 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu`-marked tests where jax sees no GPU; everything else always runs."""
+    """`slow` tests first; skip `gpu`-marked tests where jax sees no GPU; everything else always runs.
+
+    Order: pytest-xdist's default (`load`) scheduling hands each worker a first chunk of tests in
+    collection order (an eighth of them with `-n 2`), then smaller chunks as they finish. With the
+    slow tests (mostly end-to-end runs, alphabetically late) first, the first chunk of one worker
+    holds them all while the other works through short tests, and the run ends on short tests on
+    both: no worker sits idle for the last minute of a long test (about 25 s less on 2 cores)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
     try:
         has_gpu = any(d.platform == "gpu" for d in jax.devices("gpu"))
     except RuntimeError:

@@ -119,15 +119,16 @@ def test_packed_logits_equal_per_sequence_logits():
     examples = build_examples(rows, sequence_len=S, sample_packing=True, pad_id=0)
     assert len(examples) < len(rows)  # something was actually packed
     packed = [examples[g] for g in range(len(examples))]
-    packed_logits = forward(params, cfg, jnp.asarray(np.stack([e["input_ids"] for e in packed])),
-                            segment_ids=jnp.asarray(np.stack([e["segment_ids"] for e in packed])),
-                            positions=jnp.asarray(np.stack([e["positions"] for e in packed])))
+    # Jitted: eager, the forward compiles and runs op by op (6 s here against 4 s jitted).
+    stacked = {k: jnp.asarray(np.stack([e[k] for e in packed])) for k in ("input_ids", "segment_ids", "positions")}
+    packed_logits = jax.jit(lambda p, ids, seg, pos: forward(p, cfg, ids, segment_ids=seg, positions=pos))(
+        params, stacked["input_ids"], stacked["segment_ids"], stacked["positions"])
     # The reference runs each sequence alone, from position 0, with no segment ids: padding after
     # it cannot change its logits under causal attention.
     alone = np.zeros((len(rows), S), np.int32)
     for i in range(len(rows)):
         alone[i, : rows.lengths[i]] = rows.row(i)[0]
-    alone_logits = np.asarray(forward(params, cfg, jnp.asarray(alone)))
+    alone_logits = np.asarray(jax.jit(lambda p, ids: forward(p, cfg, ids))(params, jnp.asarray(alone)))
     compared = 0
     for g, ex in enumerate(packed):
         for s in range(1, int(ex["segment_ids"].max()) + 1):

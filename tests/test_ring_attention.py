@@ -5,6 +5,8 @@ Inputs are made in natural token order; the zigzag cases permute q, k, v and seg
 compare directly with the reference on the whole sequence.
 """
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +61,7 @@ def test_matches_full_attention(case):
     mesh = make_mesh(mesh_shape)
     n = mesh.shape["sequence"]
     b = max(2, mesh.shape["data"] * mesh.shape["fsdp"])
-    q, k, v, do, seg = _inputs(hash(case) % 1000, b, s, 4, 2, 16, n_seg)
+    q, k, v, do, seg = _inputs(zlib.crc32(case.encode()) % 1000, b, s, 4, 2, 16, n_seg)
     if seg is not None and n > 1:  # the point of the test: a segment spans a shard border
         shard = np.asarray(seg).reshape(b, n, s // n)
         assert (shard[:, 1:, 0] == shard[:, :-1, -1]).any()

@@ -14,7 +14,12 @@ from jaxtune.train.watchdog import LossWatchdog, TrainingStopped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yml")
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+# One CPU device. LLVM's optimisations off: most runs here are a compile and a few steps, and the
+# compile takes about half as long without them (tests/conftest.py). The 30-step runs of the
+# SIGKILL test keep them (OPTIMIZED): there the slower steps would cost what the compile saves.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
+       "PYTHONUNBUFFERED": "1"}
+OPTIMIZED = {**ENV, "XLA_FLAGS": ""}
 
 
 def command(tmp_path, *overrides) -> list[str]:
@@ -34,8 +39,8 @@ def losses(out_dir) -> dict[int, float]:
     return by_step
 
 
-def run(cmd, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd, cwd=ROOT, timeout=600, env=ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 _BACKGROUND: list[subprocess.Popen] = []
@@ -107,10 +112,10 @@ def wait_for(predicate, proc, timeout=300):
 def test_sigkill_then_restart_continues_the_exact_loss_curve(tmp_path):
     steps = ["max_steps=30", "save_steps=4"]
     whole = tmp_path / "whole"
-    uninterrupted = start(command(whole, *steps), whole)  # the reference, alongside the killed run
+    uninterrupted = start(command(whole, *steps), whole, env=OPTIMIZED)  # the reference, alongside the killed run
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(command(broken, *steps), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command(broken, *steps), cwd=ROOT, env=OPTIMIZED, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: os.path.isdir(broken / "out" / "checkpoints" / "8"), proc)
     proc.send_signal(signal.SIGKILL)
@@ -118,7 +123,7 @@ def test_sigkill_then_restart_continues_the_exact_loss_curve(tmp_path):
     logged_before = losses(broken / "out")
     assert max(logged_before) < 30, "the run finished before it could be killed"
 
-    resumed = run(command(broken, *steps))
+    resumed = run(command(broken, *steps), env=OPTIMIZED)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from checkpoint" in resumed.stdout + resumed.stderr
     done = finish(uninterrupted)
@@ -227,7 +232,7 @@ def test_ring_attention_run_logs_the_losses_of_one_device(tmp_path):
     # mesh sequence=4 x data=2 on 8 CPU devices (ring attention in Pallas interpret mode, zigzag
     # rows) against one device running plain XLA attention on the same 8 rows per step.
     steps = ["max_steps=3", "sample_packing=true"]
-    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env8 = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 " + ENV["XLA_FLAGS"]}
     ring = start(command(tmp_path / "ring", *steps, "micro_batch_size=4", "mesh.sequence=4", "mesh.data=2"),
                  tmp_path / "ring", env=env8)  # the two runs side by side
     one = run(command(tmp_path / "one", *steps, "micro_batch_size=8"))
