@@ -12,9 +12,13 @@ import os
 # sharding and buffer assignment are unchanged, so what is compiled and what tests inspect of it
 # (HLO text, memory analysis) stay the same. Tests that start processes set it in their own
 # XLA_FLAGS; only the 30-step runs of the SIGKILL test in tests/test_trainer.py keep LLVM's
-# optimisations, as there the slower steps would cost what the compile saves.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# optimisations, as there the slower steps would cost what the compile saves. Only where the tests
+# run on the CPU (the default): on a GPU the flag would also lower the level of XLA's GPU code
+# generation, under the compiled kernel tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_ON_CPU = os.environ["JAX_PLATFORMS"] == "cpu"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
+                      + (" --xla_backend_optimization_level=0" if _ON_CPU else ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
