@@ -6,19 +6,12 @@ which pytest imports before any test module.
 
 import os
 
-# --xla_backend_optimization_level=0: LLVM's optimisation passes are about half of XLA:CPU's compile
-# time, and compiling (not running) is most of nearly every test here: the programs are tiny and
-# run a few steps. Without them the suite takes ~40% less CPU time; XLA's own (HLO) passes, fusion,
-# sharding and buffer assignment are unchanged, so what is compiled and what tests inspect of it
-# (HLO text, memory analysis) stay the same. Tests that start processes set it in their own
-# XLA_FLAGS; only the 30-step runs of the SIGKILL test in tests/test_trainer.py keep LLVM's
-# optimisations, as there the slower steps would cost what the compile saves. Only where the tests
-# run on the CPU (the default): on a GPU the flag would also lower the level of XLA's GPU code
-# generation, under the compiled kernel tests.
+from cpu_compile import FAST_COMPILE  # imports no jax
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On the CPU (the default) compiled fast (cpu_compile.py); a GPU run keeps XLA's defaults.
 _ON_CPU = os.environ["JAX_PLATFORMS"] == "cpu"
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"
-                      + (" --xla_backend_optimization_level=0" if _ON_CPU else ""))
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + (f" {FAST_COMPILE}" if _ON_CPU else ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
+from cpu_compile import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# --xla_backend_optimization_level=0: these runs are mostly XLA compiling tiny programs, which LLVM's
-# optimisations make twice as slow to build for no gain on a few steps (see tests/conftest.py).
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-       "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+       "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"}  # cpu_compile.py: why
 
 
 def run(*args, env=ENV, timeout=600) -> str:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from cpu_compile import FAST_COMPILE
 from test_trainer import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,10 +20,9 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID with gloo collectives (6 steps,
     # checkpoints every 3), and exits 1 if the losses differ. One test checks both the script and
     # the training it drives: three training processes are too slow to run twice.
-    # The script gives each run its devices and passes on other XLA flags: LLVM's optimisations off,
-    # as for the in-process tests (tests/conftest.py), since each run is mostly its compile (6 steps).
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
-           "PYTHONUNBUFFERED": "1"}
+    # The script gives each run its devices and passes on other XLA flags (cpu_compile.py: 6 steps,
+    # each run mostly its compile).
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "benchmarks/two_process_parity.py", "--steps", "6", "--out", str(tmp_path), "--rtol", "1e-5",
            "--set", "bf16=false", "--set", "micro_batch_size=4", "--set", "save_steps=3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -120,7 +120,7 @@ def test_model_matches_the_plain_form(adapter, remat, monkeypatch):
     assert scales and all(np.linalg.norm(s) > 0 for s in scales)
 
 
-@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (8 forced CPU devices in the suite)")
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="builds a data × fsdp × tensor mesh of 2 × 2 × 2: needs 8 devices (the CPU suite forces 8)")
 def test_sharded_model_matches_unsharded(monkeypatch):
     """Over data, fsdp and tensor (rows split by batch: the kernels per shard in shard_map)."""
     from test_lora import assert_sharded_model_matches_unsharded, randomize_adapters
@@ -131,7 +131,7 @@ def test_sharded_model_matches_unsharded(monkeypatch):
     assert_sharded_model_matches_unsharded(adapted, CFG, traced_in_backward="jaxtune_rms_norm_bwd")
 
 
-@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (8 forced CPU devices in the suite)")
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="builds a data × sequence mesh of 2 × 4: needs 8 devices (the CPU suite forces 8)")
 def test_rows_split_by_length_match_unsplit(monkeypatch):
     """Context parallelism splits the residual stream's tokens over the mesh's `sequence` axis
     (with batch over data, and the embed dimension whole): the kernels run per shard on those rows,

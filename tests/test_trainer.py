@@ -10,15 +10,15 @@ import time
 
 import pytest
 
+from cpu_compile import FAST_COMPILE
 from jaxtune.train.watchdog import LossWatchdog, TrainingStopped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yml")
-# One CPU device. LLVM's optimisations off: most runs here are a compile and a few steps, and the
-# compile takes about half as long without them (tests/conftest.py). The 30-step runs of the
-# SIGKILL test keep them (OPTIMIZED): there the slower steps would cost what the compile saves.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
-       "PYTHONUNBUFFERED": "1"}
+# One CPU device, compiled fast (cpu_compile.py: most runs here are a compile and a few steps). The
+# 30-step runs of the SIGKILL test keep LLVM's optimisations (OPTIMIZED): there the slower steps
+# would cost what the compile saves.
+ENV = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 OPTIMIZED = {**ENV, "XLA_FLAGS": ""}
 
 
