@@ -8,7 +8,7 @@ call, and the SM clock is sampled (gpu_power.py). Kernels: a bf16 GEMM at the 1B
 down shapes on random values and, for the same shape, on zeros (a GEMM's power follows the bits it
 switches); an elementwise pass over 128 MiB; our flash attention and cuDNN's (jax), forward and
 forward+backward, and our two backward kernels on their own, at the 1B step's shape; the LoRA
-gate/up projections with the activation as the trainer runs them against our fused Mosaic kernel,
+gate/up projections with the activation in XLA's form against our fused Mosaic kernel (the trainer's on Hopper),
 and jax's Mosaic GPU matmul against cuBLAS (`gate_up_rows`); the residual stream's RMSNorm by
 XLA and by our kernels (`norm_rows`). Why: at the power limit a step's time
 follows its energy (benchmarks/RESULTS.md, thirteenth round), so what a kernel costs in joules says
@@ -164,47 +164,48 @@ def norm_rows(h, on_gpu: bool) -> list[tuple]:
 
 
 def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:
-    """The 1B step's gate/up projections (LoRA r=16) with the activation: as the trainer runs them
-    (per projection `[x | xa] @ [W ; sB]` on cuBLAS, then XLA's activation pass) against our
-    Mosaic GPU kernel that does all of it in one pass (kernels/gate_up_activation_mosaic.py, in
-    interpret mode off a GPU), and plain GEMMs by jax's own Mosaic GPU Hopper matmul in a few tile
+    """The 1B step's gate/up projections (LoRA r=16) with the activation: as XLA runs them (one
+    `[x | xa] @ [W ; sB]` over both, interleaved chunk by chunk, on cuBLAS, then XLA's activation
+    pass: lora.py's JOINT_GATE_UP path) against our Mosaic GPU kernel that does all of it in one
+    pass (kernels/gate_up_activation_mosaic.py, what the trainer runs on a Hopper GPU; in interpret
+    mode off a GPU), and plain GEMMs by jax's own Mosaic GPU Hopper matmul in a few tile
     configurations (GPU only): whether a Pallas matmul reaches cuBLAS's joules per FLOP decides
     whether fusing passes into our own matmuls can pay. Prints the kernel's largest differences
-    from the trainer's arrays first."""
+    from XLA's arrays first."""
     from jaxtune.kernels import gate_up_activation_mosaic as gu
+    from jaxtune.lora_fused_product import fused_lora_product
     from jaxtune.model.mlp import gated_activation
 
-    tokens, hidden, mlp, rank = (128, 64, 128, 16) if tiny else (8192, 2048, 8192, 16)
-    keys = jax.random.split(jax.random.key(1), 7)
+    tokens, hidden, mlp, rank, chunk = (128, 64, 128, 16, 128) if tiny else (8192, 2048, 8192, 16, 128)
+    keys = jax.random.split(jax.random.key(1), 5)
     rand = lambda i, shape, scale=1.0: jax.random.normal(keys[i], shape, jnp.bfloat16) * scale
-    x, xa_gate, xa_up = rand(0, (tokens, hidden)), rand(1, (tokens, rank)), rand(2, (tokens, rank))
-    w_gate, w_up = rand(3, (hidden, mlp), 0.02), rand(4, (hidden, mlp), 0.02)
-    sb_gate, sb_up = rand(5, (rank, mlp), 0.02), rand(6, (rank, mlp), 0.02)
+    x, xa = rand(0, (tokens, hidden)), rand(1, (tokens, 2 * rank))  # both adapters' x@A side by side
+    w_gate, w_up = rand(2, (hidden, mlp), 0.02), rand(3, (hidden, mlp), 0.02)
+    sb = rand(4, (2 * rank, mlp // chunk, 2 * chunk), 0.02)  # s·B in the joint layout (dense: a stand-in)
 
-    def trainer_form(x, xa_gate, xa_up, w_gate, w_up, sb_gate, sb_up):
-        product = lambda xa, w, sb: jnp.concatenate([x, xa], -1) @ jnp.concatenate([w, sb], 0)
-        g, u = product(xa_gate, w_gate, sb_gate), product(xa_up, w_up, sb_up)
-        return g, u, gated_activation(g, u, "silu")
+    def xla_form(x, xa, w_gate, w_up, sb):
+        gu_ = fused_lora_product("btd,dkc->btkc", x[None], xa[None], (w_gate, w_up), sb, chunk)[0]
+        return gu_, gated_activation(gu_[..., :chunk].reshape(tokens, mlp), gu_[..., chunk:].reshape(tokens, mlp), "silu")
 
-    # The kernel's operands as lora_gate_up.py forms them: both adapters' xa side by side, padded.
+    # The kernel's operands as lora_gate_up.py forms them: the adapters' K padded.
     k = gu.ADAPTER_K
-    xa = jnp.concatenate([xa_gate, xa_up, jnp.zeros((tokens, k - 2 * rank), x.dtype)], -1)
-    fused_args = (x, xa, w_gate, w_up, jnp.pad(sb_gate, ((0, k - rank), (0, 0))),
-                  jnp.pad(sb_up, ((rank, k - 2 * rank), (0, 0))))
-    args = (x, xa_gate, xa_up, w_gate, w_up, sb_gate, sb_up)
-    trainer = jax.jit(trainer_form)
-    fused = lambda stages: jax.jit(functools.partial(gu.gate_up_activation, hidden_act="silu", stages=stages,
-                                                     interpret=not on_gpu))
-    diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-             for a, b in zip(fused(3)(*fused_args), trainer(*args))]
-    print("check: gate/up kernel vs trainer, max |difference| in g, u, h: " + ", ".join(f"{d:.3g}" for d in diffs))
-    flops = 2 * 2 * tokens * (hidden + rank) * mlp
+    fused_args = (x, jnp.pad(xa, ((0, 0), (0, k - 2 * rank))), w_gate, w_up,
+                  jnp.pad(sb.reshape(2 * rank, 2 * mlp), ((0, k - 2 * rank), (0, 0))))
+    args = (x, xa, w_gate, w_up, sb)
+    xla = jax.jit(xla_form)
+    fused = lambda stages: jax.jit(functools.partial(gu.gate_up_activation, hidden_act="silu", chunk=chunk,
+                                                     stages=stages, interpret=not on_gpu))
+    got, want = fused(4)(*fused_args), xla(*args)
+    diffs = [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.reshape(a.shape).astype(jnp.float32))))
+             for a, b in zip(got, want)]
+    print("check: gate/up kernel vs XLA's form, max |difference| in gu, h: " + ", ".join(f"{d:.3g}" for d in diffs))
+    flops = 2 * 2 * tokens * (hidden + 2 * rank) * mlp
     shape = f"[{tokens}, {hidden}] x 2 x [{hidden}, {mlp}], r {rank}"
-    rows = [(f"gate/up + SwiGLU as the trainer runs it (concat, cuBLAS, XLA pass), {shape}", trainer, args, flops,
+    rows = [(f"gate/up + SwiGLU in XLA (concat, [W ; sB], cuBLAS, activation pass), {shape}", xla, args, flops,
              "FLOP")]
     rows += [(f"gate/up + SwiGLU, our Mosaic kernel, {stages} stages, {shape}", fused(stages), fused_args, flops,
               "FLOP")
-             for stages in (2, 3)]
+             for stages in (3, 4)]
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
 
     dim = hm.MatmulDimension

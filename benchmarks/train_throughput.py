@@ -73,7 +73,8 @@ class JaxtuneKnobs:
     remat: str | None = None  # policy for the checkpointing cases (None: nothing_saveable)
     scan_unroll: int = 1  # layers per iteration of the layer loop (1: the trainer's default loop;
     # the number of layers: unrolled, as `scan_layers: false`)
-    gate_up_kernel: bool = False  # LoRA gate/up + activation in one Hopper kernel (jaxtune/lora_gate_up.py)
+    gate_up_kernel: str | None = None  # LoRA gate/up + activation in one Hopper kernel: "on" or "off"; None: the
+    # trainer's (jaxtune/lora_gate_up.py KERNEL: on a Hopper GPU where the joint gate/up product is taken)
     joint_gate_up: str | None = None  # LoRA gate/up as one matmul: "on" or "off" (two projections); None: the
     # trainer's (jaxtune/lora.py JOINT_GATE_UP)
     gate_up_chunk: int | None = None  # columns per chunk of that matmul (None: jaxtune/lora.py GATE_UP_CHUNK)
@@ -87,7 +88,7 @@ class JaxtuneKnobs:
                 + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
-                + (["--gate-up-kernel"] if self.gate_up_kernel else [])
+                + (["--gate-up-kernel", self.gate_up_kernel] if self.gate_up_kernel else [])
                 + (["--joint-gate-up", self.joint_gate_up] if self.joint_gate_up else [])
                 + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
@@ -161,15 +162,23 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         from jaxtune.model import norm
 
         norm.KERNELS = knobs.norm_kernels
-    if knobs.gate_up_kernel:  # asked for: a case it cannot take is an error, not a silent fallback
+    if knobs.gate_up_kernel == "off":
+        from jaxtune import lora_gate_up
+
+        lora_gate_up.KERNEL = "off"
+    if knobs.gate_up_kernel == "on":  # asked for: a case it cannot take is an error, not a silent fallback
         from jaxtune import lora_gate_up
         from jaxtune.kernels.gate_up_activation_mosaic import ADAPTER_K, supports
+        from jaxtune.lora_fused_product import pays_off
 
         lora_gate_up.KERNEL = "auto" if jax.default_backend() == "gpu" else "interpret"
-        why = supports(case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size, ADAPTER_K, jnp.bfloat16,
+        tokens, d, f = case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size
+        why = supports(tokens, d, f, lora.GATE_UP_CHUNK, ADAPTER_K, jnp.bfloat16,
                        cfg.hidden_act) if case.adapter == "lora" else "not a LoRA case"
         if why is None and 2 * LORA_R > ADAPTER_K:
             why = f"rank {LORA_R}: gate's and up's adapters need 2 x {LORA_R} <= {ADAPTER_K}"
+        if why is None and not (lora.JOINT_GATE_UP and pays_off("btd,dkc->btkc", (case.batch, case.seq, d), (d, f // lora.GATE_UP_CHUNK, 2 * lora.GATE_UP_CHUNK))):
+            why = "gate and up do not go through one product here (lora.py's JOINT_GATE_UP path), which the kernel replaces"
         if why is None and mesh_sizes and math.prod(mesh_sizes.values()) > 1:
             why = "a mesh of more than one device (the kernel runs unsharded only)"
         if why is not None:
@@ -483,9 +492,10 @@ def main() -> None:
     parser.add_argument("--scan-unroll", type=int, default=1,
                         help="jaxtune: layers per iteration of the layer loop (the number of layers: unrolled, "
                              "as the trainer's scan_layers: false)")
-    parser.add_argument("--gate-up-kernel", action="store_true",
-                        help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel "
-                             "(jaxtune/lora_gate_up.py; off in the trainer until measured)")
+    parser.add_argument("--gate-up-kernel", choices=("on", "off"), default=None,
+                        help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel (on; "
+                             "an error for a case it cannot take) or in XLA (off); default: the trainer's "
+                             "(jaxtune/lora_gate_up.py KERNEL: on a Hopper GPU where it fits)")
     parser.add_argument("--joint-gate-up", choices=("on", "off"), default=None,
                         help="jaxtune: LoRA gate/up projections as one matmul over both kernels, chunk by chunk "
                              "(on) or as two projections (off); default: the trainer's (jaxtune/lora.py "

@@ -227,32 +227,6 @@ def _side_by_side_adapters(leaves: list[LoRA], out_shapes: list[tuple[int, ...]]
 register_concat(LoRA, _concat_lora)
 
 
-def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
-    """The gated MLP with gate/up and the activation in one Hopper kernel (lora_gate_up.py; off
-    unless `lora_gate_up.KERNEL` is set). Takes plain LoRA on all three projections (dropout only
-    on gate/up: down's adapter input is h, which the kernel writes), one rank for gate and up, no
-    biases; None otherwise, and the next registered form runs."""
-    gate, up, down = (mlp[n]["kernel"] for n in ("gate_proj", "up_proj", "down_proj"))
-    if not all(isinstance(w, LoRA) and w.magnitude is None for w in (gate, up, down)):
-        return None
-    if (down.dropout_key is not None and down.dropout > 0.0) or gate.rank != up.rank:
-        return None
-    if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
-        return None
-    if not lora_gate_up.takes(x.shape, gate.b.shape[-1], gate.rank, dtype, hidden_act):
-        return None
-    x = x.astype(dtype)
-    xa = [jnp.einsum("btd,dr->btr", _dropout(x, w.dropout_key, w.dropout), w.a.astype(dtype),
-                     preferred_element_type=dtype) for w in (gate, up)]
-    scaled_b = [(w.scale * w.b).astype(dtype) for w in (gate, up, down)]
-    return lora_gate_up.gate_up_mlp(x, *xa, quant.dequantize(gate.base, dtype), quant.dequantize(up.base, dtype),
-                                    *scaled_b[:2], quant.dequantize(down.base, dtype), down.a.astype(dtype),
-                                    scaled_b[2], hidden_act=hidden_act)
-
-
-register_fused_mlp(_mlp_with_lora_gate_up)
-
-
 # Gate and up through one matmul (`_joint_gate_up`): on by default since measured in the 1B LoRA
 # step on an H200 (+0.4% / +0.5% tokens/s interleaved, benchmarks/RESULTS.md, seventeenth round).
 # Columns are grouped in chunks of `GATE_UP_CHUNK` (gate's chunk, then up's) so that a split of the
@@ -262,15 +236,24 @@ JOINT_GATE_UP = True
 GATE_UP_CHUNK = 128
 
 
+def _plain_lora_down(mlp: dict) -> LoRA | None:
+    """down_proj's LoRA leaf where the MLP's fused forms take it: plain LoRA (no DoRA) without
+    dropout (the adapter's input is h itself) and no biases on the three projections; else None."""
+    down = mlp["down_proj"]["kernel"]
+    if not isinstance(down, LoRA) or down.magnitude is not None or (down.dropout_key is not None and down.dropout > 0.0):
+        return None
+    if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    return down
+
+
 def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
     """The gated MLP with the activation and a LoRA down_proj as one function (lora_gated_down.py:
     the adapter's term of the activation's gradient is formed inside the activation's backward).
     Takes down_proj with plain LoRA (no DoRA, no dropout: the adapter's input is h itself) and no
     biases; None otherwise, and `gated_mlp` takes the per-projection path."""
-    down = mlp["down_proj"]["kernel"]
-    if not isinstance(down, LoRA) or down.magnitude is not None or (down.dropout_key is not None and down.dropout > 0.0):
-        return None
-    if any(mlp[n].get("bias") is not None for n in ("gate_proj", "up_proj", "down_proj")):
+    down = _plain_lora_down(mlp)
+    if down is None:
         return None
     down_args = (quant.dequantize(down.base, dtype), down.a.astype(dtype), (down.scale * down.b).astype(dtype))
     gu = _joint_gate_up(x, mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"], dtype)
@@ -284,31 +267,65 @@ def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.
 def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
     """Gate and up as one `[B, T, F/c, 2c]` array (`lora_gated_down.JOINT`'s layout, c =
     `GATE_UP_CHUNK`) from one fused `[x | xa]` product over both (lora_fused_product.py: bases
-    interleaved chunk by chunk inside it, A's side by side, B's block-diagonal), or None where that
-    is off, either is not plain LoRA over a dense base (`_concatenable`), F is not a multiple of c,
-    the fused product would not pay (`pays_off`), or the chunks would not split over the mesh as
-    the mlp dimension does.
+    interleaved chunk by chunk inside it, A's side by side, B's block-diagonal), or None where
+    `_takes_joint_gate_up` says no.
 
     Against two projections: x is concatenated with the adapters' inputs once instead of twice;
     the backward's `[dx | dxa]` comes from one matmul that already sums gate's and up's terms of
     x's gradient (two arrays fewer to write and add), and one `dxa@Aᵀ` for both adapters."""
-    if not JOINT_GATE_UP or not (isinstance(gate, LoRA) and isinstance(up, LoRA)):
+    if not _takes_joint_gate_up(x.shape, gate, up):
         return None
+    x, xa, sb = _joint_adapter_operands(x, gate, up, dtype)
+    gu = fused_lora_product("btd,dkc->btkc", x, xa, (gate.base.astype(dtype), up.base.astype(dtype)), sb,
+                            GATE_UP_CHUNK)
+    return constrain(gu, JOINT)
+
+
+def _takes_joint_gate_up(x_shape: tuple[int, ...], gate, up) -> bool:
+    """Whether gate and up go through one product: JOINT_GATE_UP on, both plain LoRA over dense
+    bases (`_concatenable`), F a multiple of c, the fused product paying (`pays_off`), and the
+    chunks splitting over the mesh as the mlp dimension does."""
+    if not JOINT_GATE_UP or not (isinstance(gate, LoRA) and isinstance(up, LoRA)):
+        return False
     d, f = gate.base.shape
     c = GATE_UP_CHUNK
     if f % c or up.base.shape != (d, f) or not _concatenable([gate, up]):
-        return None
-    if not pays_off("btd,dkc->btkc", x.shape, (d, f // c, 2 * c)):
-        return None
-    b_t = x.shape[:2]
-    if shard_counts(JOINT, b_t + (f // c, 2 * c))[2] != shard_counts(MLP, b_t + (f,))[2]:
-        return None  # the chunks would not split over devices as the mlp dimension does
-    a, b = _side_by_side_adapters([gate, up], [(f // c, c)] * 2)
+        return False
+    if not pays_off("btd,dkc->btkc", x_shape, (d, f // c, 2 * c)):
+        return False
+    b_t = x_shape[:2]
+    return shard_counts(JOINT, b_t + (f // c, 2 * c))[2] == shard_counts(MLP, b_t + (f,))[2]
+
+
+def _joint_adapter_operands(x: jax.Array, gate: LoRA, up: LoRA, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x, both adapters' `x@A` side by side `[B, T, Σr]`, their s·B block-diagonal in the joint
+    layout `[Σr, F/c, 2c]`), in `dtype`."""
+    f = gate.base.shape[1]
+    a, b = _side_by_side_adapters([gate, up], [(f // GATE_UP_CHUNK, GATE_UP_CHUNK)] * 2)
     x = x.astype(dtype)
     xa = jnp.einsum("btd,dr->btr", x, a.astype(dtype), preferred_element_type=dtype)
-    gu = fused_lora_product("btd,dkc->btkc", x, xa, (gate.base.astype(dtype), up.base.astype(dtype)),
-                            (gate.scale * b).astype(dtype), c)
-    return constrain(gu, JOINT)
+    return x, xa, (gate.scale * b).astype(dtype)
+
+
+def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
+    """The gated MLP with gate/up and the activation in one Hopper kernel (lora_gate_up.py; on a
+    Hopper GPU unless `lora_gate_up.KERNEL` says otherwise): where the joint gate/up product is taken
+    (`_takes_joint_gate_up`), down_proj carries plain LoRA without dropout (its adapter's input is
+    h, which the kernel writes), there are no biases and the kernel takes the shapes; None
+    otherwise, and the next registered form runs."""
+    gate, up, down = mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"], _plain_lora_down(mlp)
+    if down is None or not _takes_joint_gate_up(x.shape, gate, up):
+        return None
+    rank = gate.a.shape[-1] + up.a.shape[-1]
+    if not lora_gate_up.takes(x.shape, gate.base.shape[1], GATE_UP_CHUNK, rank, dtype, hidden_act):
+        return None
+    x, xa, sb = _joint_adapter_operands(x, gate, up, dtype)
+    return lora_gate_up.gate_up_mlp(x, xa, gate.base.astype(dtype), up.base.astype(dtype), sb,
+                                    quant.dequantize(down.base, dtype), down.a.astype(dtype),
+                                    (down.scale * down.b).astype(dtype), hidden_act=hidden_act, chunk=GATE_UP_CHUNK)
+
+
+register_fused_mlp(_mlp_with_lora_gate_up)
 
 
 register_fused_mlp(_mlp_with_lora_down)

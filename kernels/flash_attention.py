@@ -922,12 +922,6 @@ def _mosaic_problems(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_off
     return problems
 
 
-def _on_hopper() -> bool:
-    """Whether jax's default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
-
-
 def _resolve_forward(blocks: BlockSizes, problems: list[str], *, hopper: bool) -> BlockSizes:
     """`blocks` with `forward` decided: "auto" takes the Mosaic forward on a Hopper GPU where the
     call fits it, Triton elsewhere; an explicit "mosaic" that does not fit is refused by name."""
@@ -1054,8 +1048,10 @@ def flash_attention(
         window = None  # static "no window": no mask arithmetic at all
     blocks = block_sizes or BlockSizes.get_default(q.shape[3], q.dtype)
     if blocks.forward != "triton":
+        from jaxtune.kernels.mosaic_smem import on_hopper  # Mosaic GPU is imported only when it may run
+
         problems = _mosaic_problems(q, k, segment_ids, kv_segment_ids, window, q_offset, kv_offset, blocks)
-        blocks = _resolve_forward(blocks, problems, hopper=not interpret and _on_hopper())
+        blocks = _resolve_forward(blocks, problems, hopper=not interpret and on_hopper())
     return _flash_attention(
         q,
         k,

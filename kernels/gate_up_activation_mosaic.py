@@ -1,39 +1,41 @@
 """A gated MLP's LoRA gate/up projections and its activation as one Mosaic GPU (Hopper) kernel:
-`g = x@Wg + xa@sBg`, `u = x@Wu + xa@sBu`, `h = act(g)·u`, all three written in x's dtype.
+`g = x@Wg + xa@sBg`, `u = x@Wu + xa@sBu`, written side by side chunk by chunk (the `[T, F/c, 2c]`
+layout of `jaxtune/lora_gated_down.py`'s JOINT), and `h = act(g)·u`, all in x's dtype.
 
-Why (issue 9, benchmarks/RESULTS.md, thirteenth and fourteenth rounds): on the 1B LoRA step the
-board runs at its power limit, so a step's time follows its energy, and the passes between the
-matmuls are the part of that energy that can go without changing the arithmetic. Around the
-gate/up matmuls XLA makes four: `[x | xa]` copied once per projection (0.65 ms per step), `[W ;
-sB]` formed once per projection (0.69 ms), and the activation reading g and u back to write h
-(1.66 ms). Here the frozen kernels and the adapters stay separate operands (the adapters' product
-is one more K step of 64 into the same float32 accumulators) and h is formed from the tiles of g
-and u while they are in registers, so of those ≈ 3 ms only the writes of g, u and h remain.
+Why (issue 9, benchmarks/RESULTS.md): on the 1B LoRA step the board runs at its power limit, so a
+step's time follows its energy, and the passes between the matmuls are the part of that energy that
+can go without changing the arithmetic. Around the joint gate/up matmul XLA runs the activation as
+a pass of its own that reads g and u back to write h (105 µs per layer in the step), and copies
+`[x | xa]` for cuBLAS. Here the frozen kernels and the adapters stay separate operands (the
+adapters' product is one more K step into the same float32 accumulators) and h is formed from the
+tiles of g and u while they are in registers.
+
+Measured on an H200 (RESULTS, nineteenth round), at the 1B step's shapes: 758–772 µs in isolation
+against 680–718 for cuBLAS's GEMM alone and 866–956 for XLA's form; in the training step +0.2% and
++1.0% tokens/s (interleaved) and 0.64 GiB less peak memory. What keeps it from cuBLAS's time is
+not known yet: neither one wgmma of N = 256 from a contiguous `[W ; sB]` tile (816 µs) nor
+128-row tiles (840 µs) nor more ring stages (5: 860–1000 µs) helped; the tile order did (bands
+of 32 token tiles: 759–772 against 797–802 µs for 16).
+
+Schedule: ping-pong. The first version of this kernel (fifteenth round) had both consumer
+warpgroups work on one 128 × 256 tile and store it together, so the tensor cores idled through
+every epilogue: in the step it took 882 µs where cuBLAS's two GEMMs took 728. Here each consumer
+owns whole tiles of its own (64 token rows × 128 columns of g and the same 128 of u: two 64 × 128
+float32 accumulators, 128 registers a thread) and the two take the program's tiles in turn. One
+producer warpgroup streams every K step of every tile through one ring of `stages` SMEM buffers,
+in tile order, so the ring itself staggers the consumers: the second starts its main loop as the
+first finishes its own, and one's epilogue (activation, six stores) runs under the other's
+wgmma's, as in cuBLAS's ping-pong kernels.
+
+Each ring slot has one "filled" barrier per consumer (a barrier's phase is tracked by the threads
+that wait on it, so each consumer waits only on barriers that are filled for it alone) and one
+"consumed" barrier that only the producer waits on.
 
 The adapters' operands come padded to a K of 64 (`ADAPTER_K`): wgmma's A operand lowers here only
 with 128-byte swizzled rows (jax 0.11.2: ranks 16 and 32 fail Mosaic GPU's layout inference), so
-the caller passes both adapters' inputs side by side, `xa = x@[A_gate | A_up | 0]`, and each sB
-zero-padded to the rows of its own adapter (`[sB_gate; 0]`, `[0; sB_up; 0]`). Up to a rank of 32
-per adapter that is one K step, 1/32 of the main loop's at the 1B shape.
-
-Measured on an H200 (RESULTS, fifteenth round): at the step's shapes it takes 989 µs against 1,039
-for cuBLAS plus XLA's concatenations and pass (1.21–1.27 against 1.29 J/TFLOP), but inside the
-training step cuBLAS's gate/up GEMMs run at 364 µs each and the kernel at 882 µs, so the step is
-level (+0.1%). The trainer runs it only with `jaxtune/lora_gate_up.py`'s `KERNEL` set (off by
-default). What would make it pay: the two consumers finish a tile together and store together, so
-the tensor cores idle through every epilogue; a ping-pong schedule (each consumer its own tile,
-one's stores under the other's wgmma's, as cuBLAS's persistent kernels do) is the next step.
-
-Layout: an output tile is 128 token rows × 128 columns of both g and u (128 × 256, like cuBLAS's
-largest on this step). One persistent program per SM walks its share of the tiles (as jax's own
-Hopper matmul does): the first version, one program per tile, spent 10% longer than cuBLAS plus
-XLA's pass on the same work (1,151 µs at 3 stages), its epilogue and pipeline fill serialised with
-the loads. Three warpgroups: a producer streams x `[128, 64]`, Wg and Wu `[64, 128]`
-tiles through SMEM with TMA (`stages` buffers; it runs on into the next tile's loads while the
-consumers store), and two consumers own 64 rows each, with two float32 accumulators (g's and u's)
-of 64 × 128. The adapter operands (each consumer's rows of xa; the sB tiles, loaded once for both)
-are fetched by TMA at a tile's start and used after its main loop; the outputs leave in 64 × 64
-stores through two slots per consumer.
+the caller passes both adapters' inputs side by side, `xa = x@[A_gate | A_up | 0]`, and sB in the
+joint layout with the rows padded (block-diagonal: gate's rows reach only gate's columns). That
+step is loaded into the same ring slots as the main loop's, as its last K step.
 """
 
 from __future__ import annotations
@@ -49,23 +51,26 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtune.kernels.activation_math import ACTIVATIONS, activation
 from jaxtune.kernels.mosaic_smem import interpret_params, smem_transforms
 
-BLOCK_M = 64  # rows per consumer warpgroup (one wgmma M)
-TILE_M = 2 * BLOCK_M  # rows per program
-BLOCK_N = 128  # columns of g (and of u) per program
+TILE_M = 64  # token rows per tile (one consumer's wgmma rows)
+TILE_N = 128  # columns of g (and the same of u) per tile, each in an accumulator of its own
 BLOCK_K = 64  # one 128-byte swizzle row of bf16
 ADAPTER_K = 64  # the adapters' K, padded (see the module docstring)
-STORE_N = 64  # columns per output store (a 64 × 64 tile through one of two SMEM slots)
-TILE_BAND = 16  # token tiles per band of the tile order (see tile_loop)
+STORE_N = 64  # columns per output store (a 64 × 64 tile through a consumer's store slots)
+TILE_BAND = 32  # token tiles per band of the tile order (see tile_at; 8 to 64 measured, RESULTS)
+CONSUMERS = 2
+PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
 
 
-def supports(tokens: int, hidden: int, mlp: int, adapter_k: int, dtype, hidden_act: str) -> str | None:
-    """None where the kernel takes these shapes (`adapter_k`: xa's width, both adapters' ranks
-    with padding), else why not (one line)."""
+def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dtype, hidden_act: str) -> str | None:
+    """None where the kernel takes these shapes (`chunk`: columns of g, then of u, per chunk of the
+    joint layout; `adapter_k`: xa's width, both adapters' ranks with padding), else why not (one
+    line)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
     if hidden_act not in ACTIVATIONS:
         return f"activation {hidden_act!r} (one of {ACTIVATIONS})"
-    for name, size, step in (("tokens", tokens, TILE_M), ("hidden", hidden, BLOCK_K), ("mlp", mlp, BLOCK_N)):
+    for name, size, step in (("tokens", tokens, TILE_M), ("hidden", hidden, BLOCK_K), ("chunk", chunk, TILE_N),
+                             ("mlp", mlp, chunk)):
         if size % step:
             return f"{name} = {size} is not a multiple of {step}"
     if adapter_k != ADAPTER_K:
@@ -73,141 +78,177 @@ def supports(tokens: int, hidden: int, mlp: int, adapter_k: int, dtype, hidden_a
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("hidden_act", "stages", "programs", "interpret"))
-def gate_up_activation(x, xa, w_gate, w_up, sb_gate, sb_up, *, hidden_act: str, stages: int = 3,
+@functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "store_slots", "programs", "interpret"))
+def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, stages: int = 4, store_slots: int = 1,
                        programs: int | None = None, interpret: bool = False):
-    """(g, u, h) `[T, F]` for x `[T, D]`, xa `[T, K]` (both adapters' x@A, dropout applied, padded:
-    see the module docstring), w_gate/w_up `[D, F]` (frozen), sb_gate/sb_up `[K, F]` (s·B, each
-    zero outside its adapter's rows); one dtype throughout, float32 accumulation, h = act(g)·u
-    computed in float32 from the rounded g and u (as the unfused model does). `programs`: how many
-    persistent programs share the output tiles (default: one per SM; 3 in interpret mode, so the
-    CPU tests walk several tiles per program)."""
+    """(gu `[T, 2F]`, h `[T, F]`) for x `[T, D]`, xa `[T, K]` (both adapters' x@A, dropout applied,
+    padded: see the module docstring), w_gate/w_up `[D, F]` (frozen), sb `[K, 2F]` (s·B in the joint
+    layout: columns `[j·2c, j·2c + c)` gate's chunk j, the next c up's). gu is g and u in that
+    layout (reshaped to `[T, F/c, 2c]` it is `lora_gated_down.JOINT`'s array); one dtype throughout,
+    float32 accumulation, h = act(g)·u computed in float32 from the rounded g and u (as the unfused
+    model does). `programs`: how many persistent programs share the tiles (default: one per SM; 3
+    in interpret mode, so the CPU tests walk several tiles per program and both consumers)."""
     t, d = x.shape
     f = w_gate.shape[1]
     r = xa.shape[1]
-    why = supports(t, d, f, r, x.dtype, hidden_act)
+    why = supports(t, d, f, chunk, r, x.dtype, hidden_act)
     if why is not None:
         raise ValueError(f"gate_up_activation does not take these shapes: {why}")
+    if sb.shape != (r, 2 * f):
+        raise ValueError(f"gate_up_activation: sb has shape {sb.shape}, expected {(r, 2 * f)} (the joint layout)")
+    if stages < 2 or store_slots < 1:
+        raise ValueError(f"gate_up_activation needs at least two stages and one store slot, got {stages=}, {store_slots=}")
     dtype = x.dtype
-    m_tiles, n_tiles = t // TILE_M, f // BLOCK_N
+    m_tiles, n_tiles = t // TILE_M, f // TILE_N
+    k_steps = d // BLOCK_K + 1  # the frozen kernels' K steps, then the adapters' one
     if programs is None:
         programs = 3 if interpret else _sm_count()
     if programs < 1:
         raise ValueError(f"gate_up_activation needs at least one program, got programs={programs}")
     programs = min(programs, m_tiles * n_tiles)
-    tf_k = smem_transforms(dtype, BLOCK_K)  # x and xa tiles: K minor
-    tf_n = smem_transforms(dtype, BLOCK_N)  # kernel and sB tiles: N minor
-    tf_out = smem_transforms(dtype, STORE_N)
+    tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
 
-    def k_step(indices, x_smem, wg_smem, wu_smem, carry):
-        acc_g, acc_u = carry
-        rows = x_smem.at[pl.ds(lax.axis_index("wg") * BLOCK_M, BLOCK_M)]
-        plgpu.wgmma(acc_g, rows, wg_smem)
-        plgpu.wgmma(acc_u, rows, wu_smem)
-        # Both read this stage's buffers: done before they are refilled. (Releasing the buffers a
-        # step later and waiting only for the previous step's wgmma's measured level: RESULTS.)
-        plgpu.wgmma_wait(0)
-        return carry
+    def jaxtune_gate_up_activation(x_gmem, xa_gmem, wg_gmem, wu_gmem, sb_gmem, gu_gmem, h_gmem):
+        def scope(x_smem, wg_smem, wu_smem, out_smem, filled, consumed):
+            wg = lax.axis_index("wg")  # 0, 1: consumers; 2: the producer
 
-    def pipeline_for(compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            k_step, grid=(d // BLOCK_K,), memory_registers=40, max_concurrent_steps=stages,
-            num_compute_wgs=2, wg_axis="wg", compute_context=compute_context,
-            in_specs=[plgpu.BlockSpec((TILE_M, BLOCK_K), lambda k: (0, k), transforms=tf_k),
-                      plgpu.BlockSpec((BLOCK_K, BLOCK_N), lambda k: (k, 0), transforms=tf_n),
-                      plgpu.BlockSpec((BLOCK_K, BLOCK_N), lambda k: (k, 0), transforms=tf_n)])
-
-    def jaxtune_gate_up_activation(x_gmem, xa_gmem, wg_gmem, wu_gmem, sbg_gmem, sbu_gmem, g_gmem, u_gmem, h_gmem):
-        # The pipeline's buffers and barriers live across the tile loop (its barriers' phases
-        # carry from one tile to the next), so they are allocated once, outside it.
-        ignore = lambda *_, **__: None
-        allocations = pipeline_for(ignore).get_allocations(x_gmem, wg_gmem, wu_gmem)
-
-        def scope(pipeline_allocations, xa_smem, sb_smem, out_smem, lora_loaded, sb_free):
-            wg = lax.axis_index("wg")  # 0, 1: consumers; 2: the pipeline's producer
-
-            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="program")
-            def tile_loop(loop):
-                (linear,) = loop.index
-                # Bands of 16 token tiles, walked snake-wise across the columns: the 132 tiles in
-                # flight read ≈ 8 MB of x and ≈ 8 MB of the kernels, which stay in L2.
+            def tile_at(linear):
+                """(token rows, kernel columns, g's columns in gu, u's columns in gu, h's columns) of
+                tile `linear`: bands of `TILE_BAND` token tiles walked snake-wise across the
+                columns, so the tiles in flight share x's rows and the kernels' columns in L2."""
                 mi, ni = plgpu.planar_snake(linear, (m_tiles, n_tiles), 0, TILE_BAND)
-                cols = pl.ds(ni * BLOCK_N, BLOCK_N)
-                my_rows = pl.ds(mi * TILE_M + wg * BLOCK_M, BLOCK_M)
+                per_chunk = chunk // TILE_N
+                g_col = (ni // per_chunk) * 2 * chunk + (ni % per_chunk) * TILE_N
+                cols = pl.ds(ni * TILE_N, TILE_N)
+                return (pl.ds(mi * TILE_M, TILE_M), cols, pl.ds(g_col, TILE_N), pl.ds(g_col + chunk, TILE_N), cols)
 
-                def consumer(pipeline):
-                    # The adapters' operands, waited on after the main loop has hidden them. Each
-                    # consumer fetches its rows of xa; consumer 0 the sB tiles both read, once
-                    # consumer 1 has finished reading the previous tile's.
-                    plgpu.copy_gmem_to_smem(xa_gmem.at[my_rows, :], xa_smem.at[wg], lora_loaded.at[wg])
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-                    @pl.when(wg == 0)
-                    def _():
-                        @pl.when(loop.local_index > 0)
+                @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="program")
+                def _tile(loop):
+                    rows, cols, g_cols, u_cols, _ = tile_at(loop.index[0])
+                    owner = lax.rem(loop.local_index, CONSUMERS)
+
+                    def load(k, _):
+                        step = loop.local_index * k_steps + k
+                        slot = lax.rem(step, stages)
+
+                        @pl.when(step >= stages)
                         def _():
-                            plgpu.barrier_wait(sb_free)
+                            plgpu.barrier_wait(consumed.at[slot])
 
-                        plgpu.copy_gmem_to_smem(sbg_gmem.at[:, cols], sb_smem.at[0], lora_loaded.at[2])
-                        plgpu.copy_gmem_to_smem(sbu_gmem.at[:, cols], sb_smem.at[1], lora_loaded.at[3])
+                        barrier = filled.at[owner * stages + slot]
 
-                    def accumulate(acc_g, acc_u):
-                        pipeline((acc_g, acc_u))
-                        for barrier in (lora_loaded.at[wg], lora_loaded.at[2], lora_loaded.at[3]):
-                            plgpu.barrier_wait(barrier)
-                        plgpu.wgmma(acc_g, xa_smem.at[wg], sb_smem.at[0])
-                        plgpu.wgmma(acc_u, xa_smem.at[wg], sb_smem.at[1])
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(sb_free)
-                        return acc_g[...].astype(dtype), acc_u[...].astype(dtype)
+                        @pl.when(k < k_steps - 1)
+                        def _():
+                            ks = pl.ds(k * BLOCK_K, BLOCK_K)
+                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(wg_gmem.at[ks, cols], wg_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(wu_gmem.at[ks, cols], wu_smem.at[slot], barrier)
 
-                    g, u = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_M, BLOCK_N), jnp.float32),
-                                         plgpu.ACC((BLOCK_M, BLOCK_N), jnp.float32))
-                    h = (activation(g.astype(jnp.float32), hidden_act) * u.astype(jnp.float32)).astype(dtype)
-                    # Six 64 × 64 stores through two slots: each slot is refilled once its
-                    # previous store has been read out, so the stores overlap the writes, the
-                    # next ones and (in the producer) the next tile's loads.
-                    store = 0
-                    for value, dst in ((g, g_gmem), (u, u_gmem), (h, h_gmem)):
-                        for half in range(BLOCK_N // STORE_N):
-                            slot = out_smem.at[wg, store % 2]
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            slot[...] = value[:, half * STORE_N:(half + 1) * STORE_N]
+                        @pl.when(k == k_steps - 1)
+                        def _():
+                            plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, g_cols], wg_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, u_cols], wu_smem.at[slot], barrier)
+
+                    lax.fori_loop(0, k_steps, load, None)
+
+                # Observe the last releases, so that no barrier phase is left pending at exit.
+                total = _local_tiles(m_tiles * n_tiles, programs) * k_steps
+
+                def drain(step, _):
+                    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+                lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(_consumer_registers(), action="increase")
+
+                @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="program")
+                def _tile(loop):
+                    @pl.when(lax.rem(loop.local_index, CONSUMERS) == wg)
+                    def _mine():
+                        rows, _, g_cols, u_cols, h_cols = tile_at(loop.index[0])
+                        first = loop.local_index * k_steps
+
+                        def accumulate(acc_g, acc_u):
+                            def k_step(k, _):
+                                slot = lax.rem(first + k, stages)
+                                plgpu.barrier_wait(filled.at[wg * stages + slot])
+                                plgpu.wgmma(acc_g, x_smem.at[slot], wg_smem.at[slot])
+                                plgpu.wgmma(acc_u, x_smem.at[slot], wu_smem.at[slot])
+                                # Keep this step's products in flight; the previous step's are
+                                # done, so its slot goes back to the producer.
+                                plgpu.wgmma_wait(2)
+
+                                @pl.when(k > 0)
+                                def _():
+                                    plgpu.barrier_arrive(consumed.at[lax.rem(first + k - 1, stages)])
+
+                            lax.fori_loop(0, k_steps, k_step, None)
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(consumed.at[lax.rem(first + k_steps - 1, stages)])
+                            return acc_g[...].astype(dtype), acc_u[...].astype(dtype)
+
+                        g, u = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32),
+                                             plgpu.ACC((TILE_M, TILE_N), jnp.float32))
+                        h = (activation(g.astype(jnp.float32), hidden_act) * u.astype(jnp.float32)).astype(dtype)
+                        # Six 64 × 64 stores through this consumer's slots, each refilled once its
+                        # last store has been read out. (Its previous tile's stores were issued a
+                        # whole main loop of the other consumer ago.)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        stores = [(value[:, i * STORE_N:(i + 1) * STORE_N], dst.at[:, pl.ds(i * STORE_N, STORE_N)])
+                                  for value, dst in ((g, gu_gmem.at[rows, g_cols]), (u, gu_gmem.at[rows, u_cols]),
+                                                     (h, h_gmem.at[rows, h_cols]))
+                                  for i in range(TILE_N // STORE_N)]
+                        for n, (value, dst) in enumerate(stores):
+                            slot = out_smem.at[wg, n % store_slots]
+                            if n >= store_slots:
+                                plgpu.wait_smem_to_gmem(store_slots - 1, wait_read_only=True)
+                            slot[...] = value
                             plgpu.commit_smem()  # the registers' writes land before TMA reads SMEM
-                            plgpu.copy_smem_to_gmem(slot, dst.at[my_rows, pl.ds(ni * BLOCK_N + half * STORE_N, STORE_N)])
-                            store += 1
+                            plgpu.copy_smem_to_gmem(slot, dst)
 
-                pipeline_for(consumer)(x_gmem.at[pl.ds(mi * TILE_M, TILE_M), :], wg_gmem.at[:, cols],
-                                       wu_gmem.at[:, cols], allocations=pipeline_allocations)
-
-            @pl.when(wg == 0)  # every program has at least one tile
-            def _():
-                plgpu.barrier_wait(sb_free)  # the last tile's release, so no phase is left unobserved
-
-            plgpu.wait_smem_to_gmem(0)
+                plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             scope,
-            allocations,
-            plgpu.SMEM((2, BLOCK_M, r), dtype, transforms=tf_k),  # each consumer's rows of xa
-            plgpu.SMEM((2, r, BLOCK_N), dtype, transforms=tf_n),  # the sB_gate and sB_up tiles
-            plgpu.SMEM((2, 2, BLOCK_M, STORE_N), dtype, transforms=tf_out),  # each consumer's 2 store slots
-            plgpu.Barrier(num_barriers=4),  # xa per consumer, then sB_gate and sB_up
-            plgpu.Barrier(num_arrivals=2),  # both consumers done reading the sB tiles
+            plgpu.SMEM((stages, TILE_M, BLOCK_K), dtype, transforms=tf),  # x (or xa) tiles
+            plgpu.SMEM((stages, BLOCK_K, TILE_N), dtype, transforms=tf),  # Wg (or sB's gate) tiles
+            plgpu.SMEM((stages, BLOCK_K, TILE_N), dtype, transforms=tf),  # Wu (or sB's up) tiles
+            plgpu.SMEM((CONSUMERS, store_slots, TILE_M, STORE_N), dtype, transforms=tf),  # each consumer's store slots
+            plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS * stages),  # slot filled, per consumer
+            plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
             collective_axes="wg",
         )
 
-    out = jax.ShapeDtypeStruct((t, f), dtype)
     kernel = plgpu.kernel(
         jaxtune_gate_up_activation,  # named after what it is, for compiler dumps and profiles
-        out_type=(out, out, out),
+        out_type=(jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype)),
         grid=(programs,),
         grid_names=("program",),
-        num_threads=3,
+        num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
         interpret=interpret_params() if interpret else None,
     )
-    return kernel(x, xa, w_gate, w_up, sb_gate, sb_up)
+    return kernel(x, xa, w_gate, w_up, sb)
+
+
+def _local_tiles(tiles: int, programs: int):
+    """How many of `tiles` this program walks (nd_loop deals them out round-robin)."""
+    program = lax.axis_index("program")
+    return tiles // programs + (program < tiles % programs).astype(jnp.int32)
+
+
+def _consumer_registers() -> int:
+    """Registers per consumer thread: the SM's 64k over four warpgroups' worth of 128 threads each,
+    less the producer's, shared by the consumers (a multiple of 8, at most 256)."""
+    return min(256, (512 - PRODUCER_REGISTERS) // CONSUMERS) // 8 * 8
 
 
 def _sm_count() -> int:

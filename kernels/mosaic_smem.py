@@ -1,9 +1,18 @@
-"""How our Mosaic GPU kernels lay out 2-byte SMEM tiles, and the interpret mode their CPU tests use."""
+"""What our Mosaic GPU kernels share: where they compile (Hopper), how they lay out 2-byte SMEM
+tiles, and the interpret mode their CPU tests use."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def on_hopper() -> bool:
+    """Whether jax's default device is a Hopper GPU (compute capability 9.x: wgmma, TMA), the one
+    generation our Mosaic GPU kernels are written for."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
 def smem_transforms(dtype, minor: int):

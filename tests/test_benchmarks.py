@@ -66,7 +66,7 @@ def test_kernel_energy_runs_every_kernel_without_nvml():
     assert len(measured) == 17 and all(row.endswith("| - | - | - |") for row in measured), out
     assert len([line for line in lines if "not run: cuDNN needs a GPU" in line]) == 2, out
     assert len([line for line in lines if "not run: jax's Mosaic matmul runs compiled only" in line]) == 4, out
-    assert any(line.startswith("check: gate/up kernel vs trainer, max |difference|") for line in lines), out
+    assert any(line.startswith("check: gate/up kernel vs XLA's form, max |difference|") for line in lines), out
 
 
 @pytest.mark.slow
