@@ -75,6 +75,7 @@ class JaxtuneKnobs:
     # the number of layers: unrolled, as `scan_layers: false`)
     gate_up_kernel: str | None = None  # LoRA gate/up + activation in one Hopper kernel: "on" or "off"; None: the
     # trainer's (jaxtune/lora_gate_up.py KERNEL: on a Hopper GPU where the joint gate/up product is taken)
+    gate_up_cluster: int | None = None  # that kernel's CTAs per cluster (None: jaxtune/lora_gate_up.py CLUSTER)
     joint_gate_up: str | None = None  # LoRA gate/up as one matmul: "on" or "off" (two projections); None: the
     # trainer's (jaxtune/lora.py JOINT_GATE_UP)
     gate_up_chunk: int | None = None  # columns per chunk of that matmul (None: jaxtune/lora.py GATE_UP_CHUNK)
@@ -89,6 +90,7 @@ class JaxtuneKnobs:
                 + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
                 + (["--remat", self.remat] if self.remat else [])
                 + (["--gate-up-kernel", self.gate_up_kernel] if self.gate_up_kernel else [])
+                + (["--gate-up-cluster", str(self.gate_up_cluster)] if self.gate_up_cluster else [])
                 + (["--joint-gate-up", self.joint_gate_up] if self.joint_gate_up else [])
                 + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
@@ -166,6 +168,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         from jaxtune import lora_gate_up
 
         lora_gate_up.KERNEL = "off"
+    if knobs.gate_up_cluster:
+        from jaxtune import lora_gate_up
+
+        lora_gate_up.CLUSTER = knobs.gate_up_cluster
     if knobs.gate_up_kernel == "on":  # asked for: a case it cannot take is an error, not a silent fallback
         from jaxtune import lora_gate_up
         from jaxtune.kernels.gate_up_activation_mosaic import ADAPTER_K, supports
@@ -173,8 +179,8 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
 
         lora_gate_up.KERNEL = "auto" if jax.default_backend() == "gpu" else "interpret"
         tokens, d, f = case.batch * case.seq, cfg.hidden_size, cfg.intermediate_size
-        why = supports(tokens, d, f, lora.GATE_UP_CHUNK, ADAPTER_K, jnp.bfloat16,
-                       cfg.hidden_act) if case.adapter == "lora" else "not a LoRA case"
+        why = supports(tokens, d, f, lora.GATE_UP_CHUNK, ADAPTER_K, jnp.bfloat16, cfg.hidden_act,
+                       lora_gate_up.CLUSTER) if case.adapter == "lora" else "not a LoRA case"
         if why is None and 2 * LORA_R > ADAPTER_K:
             why = f"rank {LORA_R}: gate's and up's adapters need 2 x {LORA_R} <= {ADAPTER_K}"
         if why is None and not (lora.JOINT_GATE_UP and pays_off("btd,dkc->btkc", (case.batch, case.seq, d), (d, f // lora.GATE_UP_CHUNK, 2 * lora.GATE_UP_CHUNK))):
@@ -496,6 +502,9 @@ def main() -> None:
                         help="jaxtune: LoRA gate/up projections and the activation in one Hopper kernel (on; "
                              "an error for a case it cannot take) or in XLA (off); default: the trainer's "
                              "(jaxtune/lora_gate_up.py KERNEL: on a Hopper GPU where it fits)")
+    parser.add_argument("--gate-up-cluster", type=int, choices=(1, 2), default=None,
+                        help="jaxtune: CTAs per cluster of that kernel (2: its kernel tiles multicast to pairs of "
+                             "programs); default: jaxtune/lora_gate_up.py CLUSTER")
     parser.add_argument("--joint-gate-up", choices=("on", "off"), default=None,
                         help="jaxtune: LoRA gate/up projections as one matmul over both kernels, chunk by chunk "
                              "(on) or as two projections (off); default: the trainer's (jaxtune/lora.py "
@@ -520,6 +529,7 @@ def main() -> None:
     args = parser.parse_args()
     knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
                          remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
+                         gate_up_cluster=args.gate_up_cluster,
                          joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
                          norm_kernels=args.norm_kernels)
 

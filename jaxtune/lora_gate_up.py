@@ -37,6 +37,9 @@ from jaxtune.sharding import split_spec
 # "auto": compiled on a Hopper GPU (the default); "off": never; "interpret": in Mosaic GPU's
 # interpret mode anywhere (CPU tests).
 KERNEL = "auto"
+# CTAs per cluster (the kernel's `cluster`): 2 multicasts the kernels' tiles to pairs of programs, as
+# cuBLAS's 2x1 kernels do; built and tested, not yet measured (benchmarks/RESULTS.md, nineteenth round).
+CLUSTER = 1
 
 _JOINT_PRODUCT = "btd,dkc->btkc"
 
@@ -49,7 +52,8 @@ def takes(x_shape: tuple[int, ...], mlp: int, chunk: int, rank: int, dtype, hidd
     if split_spec(MLP, x_shape[:2] + (mlp,)) is not None:
         return False
     b, t, d = x_shape
-    return rank <= kernel.ADAPTER_K and kernel.supports(b * t, d, mlp, chunk, kernel.ADAPTER_K, dtype, hidden_act) is None
+    return rank <= kernel.ADAPTER_K and kernel.supports(b * t, d, mlp, chunk, kernel.ADAPTER_K, dtype, hidden_act,
+                                                        CLUSTER) is None
 
 
 def gate_up_mlp(x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, *, hidden_act: str, chunk: int):
@@ -71,7 +75,7 @@ def _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down
     xa_padded = jnp.pad(xa.reshape(b * t, -1), ((0, 0), (0, k - xa.shape[-1])))
     sb_padded = jnp.pad(sb.reshape(sb.shape[0], 2 * f), ((0, k - sb.shape[0]), (0, 0)))
     gu, h = kernel.gate_up_activation(x.reshape(b * t, d), xa_padded, w_gate, w_up, sb_padded,
-                                      hidden_act=hidden_act, chunk=chunk, interpret=KERNEL == "interpret")
+                                      hidden_act=hidden_act, chunk=chunk, cluster=CLUSTER, interpret=KERNEL == "interpret")
     gu, h = gu.reshape(b, t, f // chunk, 2 * chunk), h.reshape(b, t, f)
     y, ha = lora_gated_down.down_products(h, w_down, a_down, sb_down)
     return y, (gu, h, ha)

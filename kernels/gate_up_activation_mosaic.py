@@ -15,7 +15,9 @@ against 680–718 for cuBLAS's GEMM alone and 866–956 for XLA's form; in the t
 +1.0% tokens/s (interleaved) and 0.64 GiB less peak memory. What keeps it from cuBLAS's time is
 not known yet: neither one wgmma of N = 256 from a contiguous `[W ; sB]` tile (816 µs) nor
 128-row tiles (840 µs) nor more ring stages (5: 860–1000 µs) helped; the tile order did (bands
-of 32 token tiles: 759–772 against 797–802 µs for 16).
+of 32 token tiles: 759–772 against 797–802 µs for 16). cuBLAS's kernel there runs 2-CTA clusters
+with one operand multicast; `cluster=2` does the same here (built after the device time ran out:
+correct in interpret mode, lowers for an H200, not yet timed).
 
 Schedule: ping-pong. The first version of this kernel (fifteenth round) had both consumer
 warpgroups work on one 128 × 256 tile and store it together, so the tensor cores idled through
@@ -61,10 +63,11 @@ CONSUMERS = 2
 PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
 
 
-def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dtype, hidden_act: str) -> str | None:
+def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dtype, hidden_act: str,
+             cluster: int = 1) -> str | None:
     """None where the kernel takes these shapes (`chunk`: columns of g, then of u, per chunk of the
-    joint layout; `adapter_k`: xa's width, both adapters' ranks with padding), else why not (one
-    line)."""
+    joint layout; `adapter_k`: xa's width, both adapters' ranks with padding; `cluster`: CTAs per
+    cluster), else why not (one line)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
     if hidden_act not in ACTIVATIONS:
@@ -75,23 +78,29 @@ def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dty
             return f"{name} = {size} is not a multiple of {step}"
     if adapter_k != ADAPTER_K:
         return f"adapter K = {adapter_k}: the kernel takes one K step of {ADAPTER_K} (ranks up to {ADAPTER_K // 2} each)"
+    if cluster not in (1, 2) or (tokens // TILE_M) % cluster:
+        return f"cluster = {cluster} (1, or 2 with an even number of {TILE_M}-row tiles)"
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "store_slots", "programs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "store_slots", "cluster", "programs",
+                                             "interpret"))
 def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, stages: int = 4, store_slots: int = 1,
-                       programs: int | None = None, interpret: bool = False):
+                       cluster: int = 1, programs: int | None = None, interpret: bool = False):
     """(gu `[T, 2F]`, h `[T, F]`) for x `[T, D]`, xa `[T, K]` (both adapters' x@A, dropout applied,
     padded: see the module docstring), w_gate/w_up `[D, F]` (frozen), sb `[K, 2F]` (s·B in the joint
     layout: columns `[j·2c, j·2c + c)` gate's chunk j, the next c up's). gu is g and u in that
     layout (reshaped to `[T, F/c, 2c]` it is `lora_gated_down.JOINT`'s array); one dtype throughout,
     float32 accumulation, h = act(g)·u computed in float32 from the rounded g and u (as the unfused
     model does). `programs`: how many persistent programs share the tiles (default: one per SM; 3
-    in interpret mode, so the CPU tests walk several tiles per program and both consumers)."""
+    in interpret mode, so the CPU tests walk several tiles per program and both consumers).
+    `cluster` 2: programs run in pairs (a CTA cluster) on vertically adjacent tiles, each loading half
+    of the kernels' tiles and multicasting it to both (cuBLAS's `2x1` kernels do this), so each
+    pair reads them from L2 once; not yet measured."""
     t, d = x.shape
     f = w_gate.shape[1]
     r = xa.shape[1]
-    why = supports(t, d, f, chunk, r, x.dtype, hidden_act)
+    why = supports(t, d, f, chunk, r, x.dtype, hidden_act, cluster)
     if why is not None:
         raise ValueError(f"gate_up_activation does not take these shapes: {why}")
     if sb.shape != (r, 2 * f):
@@ -105,7 +114,11 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
         programs = 3 if interpret else _sm_count()
     if programs < 1:
         raise ValueError(f"gate_up_activation needs at least one program, got programs={programs}")
-    programs = min(programs, m_tiles * n_tiles)
+    programs = min(programs, m_tiles * n_tiles) // cluster * cluster
+    if programs < 1:
+        raise ValueError(f"gate_up_activation needs at least {cluster} programs with cluster = {cluster}")
+    cluster_tiles = (m_tiles // cluster) * n_tiles  # what the loop walks: `cluster` tiles stacked along the rows
+    multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
     tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
 
     def jaxtune_gate_up_activation(x_gmem, xa_gmem, wg_gmem, wu_gmem, sb_gmem, gu_gmem, h_gmem):
@@ -116,7 +129,9 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
                 """(token rows, kernel columns, g's columns in gu, u's columns in gu, h's columns) of
                 tile `linear`: bands of `TILE_BAND` token tiles walked snake-wise across the
                 columns, so the tiles in flight share x's rows and the kernels' columns in L2."""
-                mi, ni = plgpu.planar_snake(linear, (m_tiles, n_tiles), 0, TILE_BAND)
+                mi, ni = plgpu.planar_snake(linear, (m_tiles // cluster, n_tiles), 0, TILE_BAND // cluster)
+                if cluster > 1:
+                    mi = mi * cluster + lax.axis_index("cluster")
                 per_chunk = chunk // TILE_N
                 g_col = (ni // per_chunk) * 2 * chunk + (ni % per_chunk) * TILE_N
                 cols = pl.ds(ni * TILE_N, TILE_N)
@@ -126,7 +141,7 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
             def _producer():
                 plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-                @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="program")
+                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
                     rows, cols, g_cols, u_cols, _ = tile_at(loop.index[0])
                     owner = lax.rem(loop.local_index, CONSUMERS)
@@ -145,19 +160,19 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
                         def _():
                             ks = pl.ds(k * BLOCK_K, BLOCK_K)
                             plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(wg_gmem.at[ks, cols], wg_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(wu_gmem.at[ks, cols], wu_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(wg_gmem.at[ks, cols], wg_smem.at[slot], barrier, **multicast)
+                            plgpu.copy_gmem_to_smem(wu_gmem.at[ks, cols], wu_smem.at[slot], barrier, **multicast)
 
                         @pl.when(k == k_steps - 1)
                         def _():
                             plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, g_cols], wg_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, u_cols], wu_smem.at[slot], barrier)
+                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, g_cols], wg_smem.at[slot], barrier, **multicast)
+                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, u_cols], wu_smem.at[slot], barrier, **multicast)
 
                     lax.fori_loop(0, k_steps, load, None)
 
                 # Observe the last releases, so that no barrier phase is left pending at exit.
-                total = _local_tiles(m_tiles * n_tiles, programs) * k_steps
+                total = _local_tiles(cluster_tiles, programs // cluster) * k_steps
 
                 def drain(step, _):
                     plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
@@ -168,7 +183,7 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
             def _consumer():
                 plgpu.set_max_registers(_consumer_registers(), action="increase")
 
-                @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="program")
+                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
                     @pl.when(lax.rem(loop.local_index, CONSUMERS) == wg)
                     def _mine():
@@ -222,15 +237,18 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
             plgpu.SMEM((stages, BLOCK_K, TILE_N), dtype, transforms=tf),  # Wu (or sB's up) tiles
             plgpu.SMEM((CONSUMERS, store_slots, TILE_M, STORE_N), dtype, transforms=tf),  # each consumer's store slots
             plgpu.Barrier(num_arrivals=3, num_barriers=CONSUMERS * stages),  # slot filled, per consumer
-            plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # slot consumed
+            # slot consumed (with a cluster: by both programs' consumers, as both programs' copies refill it)
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1
+            else plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             collective_axes="wg",
         )
 
     kernel = plgpu.kernel(
         jaxtune_gate_up_activation,  # named after what it is, for compiler dumps and profiles
         out_type=(jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype)),
-        grid=(programs,),
+        grid=(programs // cluster,),
         grid_names=("program",),
+        **({"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}),
         num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),

@@ -36,18 +36,21 @@ def _joint(gate, up, chunk):
     return np.stack([gate.reshape(t, f // chunk, chunk), up.reshape(t, f // chunk, chunk)], axis=2).reshape(t, 2 * f)
 
 
-@pytest.mark.parametrize("tokens,hidden,mlp,chunk,act,stages,slots,programs", [
-    (64, 64, 128, 128, "silu", 2, 1, None),  # one tile, two K steps (one frozen, the adapters')
-    # 2 x 6 tiles over 3 programs of 4 tiles each, so both consumers take two; two tiles per chunk;
+@pytest.mark.parametrize("tokens,hidden,mlp,chunk,act,stages,slots,programs,cluster", [
+    (64, 64, 128, 128, "silu", 2, 1, None, 1),  # one tile, two K steps (one frozen, the adapters')
+    # 4 x 6 tiles over 3 programs of 8 tiles each, so both consumers take four; two tiles per chunk;
     # 6 K steps through 3 ring slots, so slots and phases carry from tile to tile
-    (256, 320, 768, 256, "gelu_pytorch_tanh", 3, 2, 3),
-    # 5 programs over 2 x 2 tiles (one walks none, as many as there are tiles); chunk = tile
-    (128, 128, 256, 128, "silu", 5, 1, 5),
+    (256, 320, 768, 256, "gelu_pytorch_tanh", 3, 2, 3, 1),
+    # 5 programs asked for 2 x 2 tiles: 4 run, one tile each (the second consumers idle)
+    (128, 128, 256, 128, "silu", 5, 1, 5, 1),
+    # 2-CTA clusters: 2 pairs of programs over 4 x 2 tiles, the kernels' tiles multicast to each pair
+    (256, 128, 256, 128, "silu", 3, 1, 4, 2),
 ])
-def test_gate_up_activation_matches_float32_products(tokens, hidden, mlp, chunk, act, stages, slots, programs):
+def test_gate_up_activation_matches_float32_products(tokens, hidden, mlp, chunk, act, stages, slots, programs,
+                                                     cluster):
     x, xa, w_g, w_u, sb = args = _inputs(tokens, hidden, mlp)
     joint, h = gu.gate_up_activation(*args, hidden_act=act, chunk=chunk, stages=stages, store_slots=slots,
-                                     programs=programs, interpret=INTERPRET)
+                                     cluster=cluster, programs=programs, interpret=INTERPRET)
     f32 = lambda a: np.asarray(a, np.float32)
     sb_joint = f32(sb).reshape(-1, mlp // chunk, 2, chunk)
     sb_g, sb_u = sb_joint[:, :, 0].reshape(-1, mlp), sb_joint[:, :, 1].reshape(-1, mlp)
@@ -74,6 +77,9 @@ def test_gate_up_activation_refuses_shapes_by_name():
         gu.gate_up_activation(*_inputs(128, 64, 192), hidden_act="silu", chunk=128, interpret=INTERPRET)
     with pytest.raises(ValueError, match="at least one program, got programs=0"):
         gu.gate_up_activation(*_inputs(128, 64, 128), hidden_act="silu", chunk=128, programs=0, interpret=INTERPRET)
+    assert "cluster = 2" in gu.supports(64, 2048, 8192, 128, 64, jnp.bfloat16, "silu", cluster=2)
+    with pytest.raises(ValueError, match="cluster = 2 \\(1, or 2 with an even number of 64-row tiles\\)"):
+        gu.gate_up_activation(*_inputs(64, 64, 128), hidden_act="silu", chunk=128, cluster=2, interpret=INTERPRET)
     with pytest.raises(ValueError, match="at least two stages"):
         gu.gate_up_activation(*_inputs(128, 64, 128), hidden_act="silu", chunk=128, stages=1, interpret=INTERPRET)
 
@@ -81,10 +87,11 @@ def test_gate_up_activation_refuses_shapes_by_name():
 def test_gate_up_activation_lowers_for_an_h200():
     """Compiled for a GPU the kernel goes through Mosaic GPU's layout inference and SMEM budget,
     which interpret mode skips: lowered here, from the CPU, at the 1B step's shapes (4 stages and two
-    store slots per consumer: 192 KiB of SMEM; 5 and one: 216 KiB). Ranks of 16 in an unpadded K
-    failed this (see ADAPTER_K)."""
+    store slots per consumer: 192 KiB of SMEM; 5 and one: 216 KiB; 2-CTA clusters). Ranks of 16 in
+    an unpadded K failed this (see ADAPTER_K)."""
     shapes = [(8192, 2048), (8192, 64), (2048, 8192), (2048, 8192), (64, 16384)]
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
-    for stages, slots in ((4, 2), (5, 1)):
-        fn = functools.partial(gu.gate_up_activation, hidden_act="silu", chunk=128, stages=stages, store_slots=slots)
+    for stages, slots, cluster in ((4, 2, 1), (5, 1, 1), (4, 1, 2)):
+        fn = functools.partial(gu.gate_up_activation, hidden_act="silu", chunk=128, stages=stages, store_slots=slots,
+                               cluster=cluster)
         assert "jaxtune_gate_up_activation" in lower_for_h200(fn, *args)

@@ -40,8 +40,8 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("act,rank", [("silu", 16), ("gelu_pytorch_tanh", 8)])
-def test_gate_up_kernel_gives_autodiffs_values_and_gradients(monkeypatch, act, rank):
+@pytest.mark.parametrize("act,rank,cluster", [("silu", 16, 1), ("gelu_pytorch_tanh", 8, 2)])
+def test_gate_up_kernel_gives_autodiffs_values_and_gradients(monkeypatch, act, rank, cluster):
     monkeypatch.setattr(lora_gated_down, "KERNELS", "off")  # the activation's backward by its reference
     monkeypatch.setattr(lora_gate_up, "KERNEL", "off")  # for the forms it is compared with
     params = _mlp_params(d=D, f=F, r=rank)
@@ -53,6 +53,7 @@ def test_gate_up_kernel_gives_autodiffs_values_and_gradients(monkeypatch, act, r
     plain = run(bf16, xb, jnp.bfloat16, False)
     joint = run(bf16, xb, jnp.bfloat16, True)  # the joint gate/up path in XLA, which the kernel replaces
     monkeypatch.setattr(lora_gate_up, "KERNEL", MODE)
+    monkeypatch.setattr(lora_gate_up, "CLUSTER", cluster)
     assert _uses_kernel(bf16, xb, jnp.bfloat16, act, True)
     fused = run(bf16, xb, jnp.bfloat16, True)
     for t, f_, p, j in zip(truth, fused, plain, joint):
