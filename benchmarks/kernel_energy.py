@@ -185,7 +185,8 @@ def gate_up_rows(tiny: bool, on_gpu: bool) -> list[tuple]:
 
     def xla_form(x, xa, w_gate, w_up, sb):
         gu_ = fused_lora_product("btd,dkc->btkc", x[None], xa[None], (w_gate, w_up), sb, chunk)[0]
-        return gu_, gated_activation(gu_[..., :chunk].reshape(tokens, mlp), gu_[..., chunk:].reshape(tokens, mlp), "silu")
+        g, u = gu_[..., :chunk].reshape(tokens, mlp), gu_[..., chunk:].reshape(tokens, mlp)
+        return gu_, gated_activation(g, u, "silu")
 
     # The kernel's operands as lora_gate_up.py forms them: the adapters' K padded.
     k = gu.ADAPTER_K

@@ -183,8 +183,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
                        lora_gate_up.CLUSTER) if case.adapter == "lora" else "not a LoRA case"
         if why is None and 2 * LORA_R > ADAPTER_K:
             why = f"rank {LORA_R}: gate's and up's adapters need 2 x {LORA_R} <= {ADAPTER_K}"
-        if why is None and not (lora.JOINT_GATE_UP and pays_off("btd,dkc->btkc", (case.batch, case.seq, d), (d, f // lora.GATE_UP_CHUNK, 2 * lora.GATE_UP_CHUNK))):
-            why = "gate and up do not go through one product here (lora.py's JOINT_GATE_UP path), which the kernel replaces"
+        c = lora.GATE_UP_CHUNK
+        if why is None and not (lora.JOINT_GATE_UP and pays_off("btd,dkc->btkc", (case.batch, case.seq, d),
+                                                                (d, f // c, 2 * c))):
+            why = "gate and up do not go through one product here (lora.py's JOINT_GATE_UP path, which the kernel replaces)"
         if why is None and mesh_sizes and math.prod(mesh_sizes.values()) > 1:
             why = "a mesh of more than one device (the kernel runs unsharded only)"
         if why is not None:

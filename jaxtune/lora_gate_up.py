@@ -74,8 +74,8 @@ def _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down
     f, k = w_gate.shape[1], kernel.ADAPTER_K
     xa_padded = jnp.pad(xa.reshape(b * t, -1), ((0, 0), (0, k - xa.shape[-1])))
     sb_padded = jnp.pad(sb.reshape(sb.shape[0], 2 * f), ((0, k - sb.shape[0]), (0, 0)))
-    gu, h = kernel.gate_up_activation(x.reshape(b * t, d), xa_padded, w_gate, w_up, sb_padded,
-                                      hidden_act=hidden_act, chunk=chunk, cluster=CLUSTER, interpret=KERNEL == "interpret")
+    gu, h = kernel.gate_up_activation(x.reshape(b * t, d), xa_padded, w_gate, w_up, sb_padded, hidden_act=hidden_act,
+                                      chunk=chunk, cluster=CLUSTER, interpret=KERNEL == "interpret")
     gu, h = gu.reshape(b, t, f // chunk, 2 * chunk), h.reshape(b, t, f)
     y, ha = lora_gated_down.down_products(h, w_down, a_down, sb_down)
     return y, (gu, h, ha)

@@ -106,7 +106,8 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
     if sb.shape != (r, 2 * f):
         raise ValueError(f"gate_up_activation: sb has shape {sb.shape}, expected {(r, 2 * f)} (the joint layout)")
     if stages < 2 or store_slots < 1:
-        raise ValueError(f"gate_up_activation needs at least two stages and one store slot, got {stages=}, {store_slots=}")
+        raise ValueError("gate_up_activation needs at least two stages and one store slot, "
+                         f"got {stages=}, {store_slots=}")
     dtype = x.dtype
     m_tiles, n_tiles = t // TILE_M, f // TILE_N
     k_steps = d // BLOCK_K + 1  # the frozen kernels' K steps, then the adapters' one
