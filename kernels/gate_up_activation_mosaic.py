@@ -14,7 +14,7 @@ Measured on an H200 (RESULTS, nineteenth round), at the 1B step's shapes: 758–
 against 680–718 for cuBLAS's GEMM alone and 866–956 for XLA's form; in the training step +0.2% and
 +1.0% tokens/s (interleaved) and 0.64 GiB less peak memory. What keeps it from cuBLAS's time is
 not known yet: neither one wgmma of N = 256 from a contiguous `[W ; sB]` tile (816 µs) nor
-128-row tiles (840 µs) nor more ring stages (5: 860–1000 µs) helped; the tile order did (bands
+128-row tiles (840 µs) nor more ring stages (5: 861 µs) helped; the tile order did (bands
 of 32 token tiles: 759–772 against 797–802 µs for 16). cuBLAS's kernel there runs 2-CTA clusters
 with one operand multicast; `cluster=2` does the same here (built after the device time ran out:
 correct in interpret mode, lowers for an H200, not yet timed).
