@@ -3,8 +3,8 @@ tiles, and the interpret mode their CPU tests use."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 

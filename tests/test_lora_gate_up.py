@@ -35,7 +35,8 @@ def _bf16(params):
     return jax.tree.map(lambda z: z.astype(jnp.bfloat16), params)
 
 
-def _rel(a, b):
+def _relative_l2(a, b):
+    """‖a − b‖ / ‖b‖ over all elements (test_lora_gated_down's `_rel` is the max-abs form)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
@@ -57,10 +58,10 @@ def test_gate_up_kernel_gives_autodiffs_values_and_gradients(monkeypatch, act, r
     assert _uses_kernel(bf16, xb, jnp.bfloat16, act, True)
     fused = run(bf16, xb, jnp.bfloat16, True)
     for t, f_, p, j in zip(truth, fused, plain, joint):
-        assert _rel(f_, t) <= 1.2 * _rel(p, t) + 1e-3, (_rel(f_, t), _rel(p, t))
+        assert _relative_l2(f_, t) <= 1.2 * _relative_l2(p, t) + 1e-3, (_relative_l2(f_, t), _relative_l2(p, t))
         # the same arithmetic as the joint path (one float32 accumulation over [x | xa]): equal up
         # to the order of the float32 sums
-        assert _rel(f_, j) < 1e-2, _rel(f_, j)
+        assert _relative_l2(f_, j) < 1e-2, _relative_l2(f_, j)
 
 
 def test_gate_up_kernel_is_taken_only_when_asked_and_where_it_fits(monkeypatch):
