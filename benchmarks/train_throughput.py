@@ -79,6 +79,9 @@ class JaxtuneKnobs:
     joint_gate_up: str | None = None  # LoRA gate/up as one matmul: "on" or "off" (two projections); None: the
     # trainer's (jaxtune/lora.py JOINT_GATE_UP)
     gate_up_chunk: int | None = None  # columns per chunk of that matmul (None: jaxtune/lora.py GATE_UP_CHUNK)
+    lora_kernel: str | None = None  # plain LoRA projections (and the residual adds after o_proj and down_proj)
+    # through one Hopper kernel: "auto" or "off"; None: the trainer's (jaxtune/lora_projection.py KERNEL)
+    lora_cluster: int | None = None  # that kernel's CTAs per cluster (None: jaxtune/lora_projection.py CLUSTER)
     norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
@@ -93,6 +96,8 @@ class JaxtuneKnobs:
                 + (["--gate-up-cluster", str(self.gate_up_cluster)] if self.gate_up_cluster else [])
                 + (["--joint-gate-up", self.joint_gate_up] if self.joint_gate_up else [])
                 + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
+                + (["--lora-kernel", self.lora_kernel] if self.lora_kernel else [])
+                + (["--lora-cluster", str(self.lora_cluster)] if self.lora_cluster else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
@@ -164,6 +169,11 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         from jaxtune.model import norm
 
         norm.KERNELS = knobs.norm_kernels
+    if knobs.lora_kernel or knobs.lora_cluster:
+        from jaxtune import lora_projection
+
+        lora_projection.KERNEL = knobs.lora_kernel or lora_projection.KERNEL
+        lora_projection.CLUSTER = knobs.lora_cluster or lora_projection.CLUSTER
     if knobs.gate_up_kernel == "off":
         from jaxtune import lora_gate_up
 
@@ -513,6 +523,12 @@ def main() -> None:
                              "JOINT_GATE_UP, on)")
     parser.add_argument("--gate-up-chunk", type=int, default=None,
                         help="jaxtune: columns per chunk of that matmul (default: jaxtune/lora.py GATE_UP_CHUNK)")
+    parser.add_argument("--lora-kernel", choices=("auto", "off"), default=None,
+                        help="jaxtune: plain LoRA projections and the residual adds after o_proj and down_proj "
+                             "through one Hopper kernel (auto: on a Hopper GPU where it fits) or in XLA (off); "
+                             "default: the trainer's (jaxtune/lora_projection.py KERNEL)")
+    parser.add_argument("--lora-cluster", type=int, choices=(1, 2), default=None,
+                        help="jaxtune: CTAs per cluster of that kernel; default: jaxtune/lora_projection.py CLUSTER")
     parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
                         help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
                              "or as XLA's fusions of the plain form (off); default: the trainer's "
@@ -533,6 +549,7 @@ def main() -> None:
                          remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
                          gate_up_cluster=args.gate_up_cluster,
                          joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
+                         lora_kernel=args.lora_kernel, lora_cluster=args.lora_cluster,
                          norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:

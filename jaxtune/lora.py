@@ -55,7 +55,7 @@ from jaxtune.model.params import ParamSpec, Path, path_seed, param_specs
 from jaxtune import quant
 from jaxtune.lora_fused_product import fused_lora_product, pays_off
 from jaxtune.lora_gated_down import JOINT, lora_gated_down, lora_gated_down_joint
-from jaxtune import lora_gate_up
+from jaxtune import lora_gate_up, lora_projection
 from jaxtune.sharding import constrain, shard_counts
 
 
@@ -155,11 +155,13 @@ def _column_norm(weight: jax.Array, in_axes: tuple[int, ...]) -> jax.Array:
     return jnp.sqrt(jnp.sum(weight * weight, axis=in_axes))
 
 
-def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
+def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype, residual: jax.Array | None = None) -> jax.Array:
     a_spec, b_spec, delta_spec, in_ndim = _adapter_specs(spec)
     x = x.astype(dtype)
-    base_w = quant.dequantize(w.base, dtype)
     dropped = w.dropout_key is not None and w.dropout > 0.0
+    if w.magnitude is None and not dropped and _takes_projection_kernel(x.shape, w, spec, in_ndim, dtype):
+        return _projection_kernel(x, w, in_ndim, dtype, residual)
+    base_w = quant.dequantize(w.base, dtype)
     x_lora = _dropout(x, w.dropout_key, w.dropout)
     xa = jnp.einsum(a_spec, x_lora, w.a.astype(dtype), preferred_element_type=dtype)
     if w.magnitude is None:
@@ -170,9 +172,11 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
         # their wide output.
         scaled_b = (w.scale * w.b).astype(dtype)
         if pays_off(spec, x.shape, base_w.shape):
-            return fused_lora_product(spec, x, xa, base_w, scaled_b)
-        lora_out = jnp.einsum(b_spec, xa, scaled_b, preferred_element_type=dtype)
-        return jnp.einsum(spec, x, base_w, preferred_element_type=dtype) + lora_out
+            out = fused_lora_product(spec, x, xa, base_w, scaled_b)
+        else:
+            lora_out = jnp.einsum(b_spec, xa, scaled_b, preferred_element_type=dtype)
+            out = jnp.einsum(spec, x, base_w, preferred_element_type=dtype) + lora_out
+        return out if residual is None else residual + out
     # DoRA, in float32. The norm needs W + s·AB, which exists only here, under stop_gradient.
     base_out = dense(x, base_w, spec, dtype)
     lora_out = jnp.einsum(b_spec, xa, w.b.astype(dtype), preferred_element_type=jnp.float32)
@@ -183,10 +187,36 @@ def _lora_linear(x: jax.Array, w: LoRA, spec: str, dtype) -> jax.Array:
     # PEFT reuses the base output when dropout is off; with dropout it multiplies the dropped
     # input by W again for the magnitude term.
     base_dropped = dense(x_lora, base_w, spec, dtype) if dropped else base_out
-    return base_out + (mag_scale - 1.0) * base_dropped + mag_scale * (w.scale * lora_out)
+    out = base_out + (mag_scale - 1.0) * base_dropped + mag_scale * (w.scale * lora_out)
+    return out if residual is None else residual + out.astype(dtype)  # float32 alone: `linear` adds a bias to it
 
 
-register_linear(LoRA, _lora_linear)
+def _takes_projection_kernel(x_shape: tuple[int, ...], w: LoRA, spec: str, in_ndim: int, dtype) -> bool:
+    """Whether plain LoRA without dropout (the caller checks) goes through lora_projection.py's
+    kernel: a dense base, x's input dimensions its last ones in the kernel's order (so both flatten
+    to a matrix product), and the kernel taking the shapes."""
+    if not isinstance(w.base, (jax.Array, np.ndarray)):
+        return False
+    x_s, w_s = spec.split("->")[0].split(",")
+    if not x_s.endswith(w_s[:in_ndim]):
+        return False
+    tokens, n_in, n_out = lora_projection.flat_shapes(x_shape, w.base.shape, in_ndim)
+    return lora_projection.takes(tokens, n_in, n_out, w.rank, dtype)
+
+
+def _projection_kernel(x: jax.Array, w: LoRA, in_ndim: int, dtype, residual: jax.Array | None) -> jax.Array:
+    """`residual + x@W + s·(x@A)@B` through lora_projection.py, x and the kernels flattened to
+    matrices and the result shaped back."""
+    tokens, n_in, n_out = lora_projection.flat_shapes(x.shape, w.base.shape, in_ndim)
+    out_shape = x.shape[:x.ndim - in_ndim] + w.base.shape[in_ndim:]
+    flat_residual = None if residual is None else residual.astype(dtype).reshape(tokens, n_out)
+    out = lora_projection.projection(x.reshape(tokens, n_in), w.a.astype(dtype).reshape(n_in, w.rank),
+                                     w.base.astype(dtype).reshape(n_in, n_out),
+                                     (w.scale * w.b).astype(dtype).reshape(w.rank, n_out), flat_residual)
+    return out.reshape(out_shape)
+
+
+register_linear(LoRA, _lora_linear, takes_residual=True)
 
 
 def _concat_lora(leaves: list[LoRA], in_ndim: int, out_shapes: list[tuple[int, ...]]) -> LoRA | None:
@@ -247,7 +277,7 @@ def _plain_lora_down(mlp: dict) -> LoRA | None:
     return down
 
 
-def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
+def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype, residual=None) -> jax.Array | None:
     """The gated MLP with the activation and a LoRA down_proj as one function (lora_gated_down.py:
     the adapter's term of the activation's gradient is formed inside the activation's backward).
     Takes down_proj with plain LoRA (no DoRA, no dropout: the adapter's input is h itself) and no
@@ -258,10 +288,11 @@ def _mlp_with_lora_down(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.
     down_args = (quant.dequantize(down.base, dtype), down.a.astype(dtype), (down.scale * down.b).astype(dtype))
     gu = _joint_gate_up(x, mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"], dtype)
     if gu is not None:
-        return lora_gated_down_joint(gu, *down_args, hidden_act=hidden_act)
+        return lora_gated_down_joint(gu, *down_args, hidden_act=hidden_act, residual=residual)
     gate = linear(x, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype)
     up = linear(x, mlp["up_proj"]["kernel"], "btd,df->btf", dtype)
-    return lora_gated_down(constrain(gate, MLP), constrain(up, MLP), *down_args, hidden_act=hidden_act)
+    return lora_gated_down(constrain(gate, MLP), constrain(up, MLP), *down_args, hidden_act=hidden_act,
+                           residual=residual)
 
 
 def _joint_gate_up(x: jax.Array, gate, up, dtype) -> jax.Array | None:
@@ -307,7 +338,7 @@ def _joint_adapter_operands(x: jax.Array, gate: LoRA, up: LoRA, dtype) -> tuple[
     return x, xa, (gate.scale * b).astype(dtype)
 
 
-def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> jax.Array | None:
+def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype, residual=None) -> jax.Array | None:
     """The gated MLP with gate/up and the activation in one Hopper kernel (lora_gate_up.py; on a
     Hopper GPU unless `lora_gate_up.KERNEL` says otherwise): where the joint gate/up product is taken
     (`_takes_joint_gate_up`), down_proj carries plain LoRA without dropout (its adapter's input is
@@ -322,7 +353,8 @@ def _mlp_with_lora_gate_up(x: jax.Array, mlp: dict, hidden_act: str, dtype) -> j
     x, xa, sb = _joint_adapter_operands(x, gate, up, dtype)
     return lora_gate_up.gate_up_mlp(x, xa, gate.base.astype(dtype), up.base.astype(dtype), sb,
                                     quant.dequantize(down.base, dtype), down.a.astype(dtype),
-                                    (down.scale * down.b).astype(dtype), hidden_act=hidden_act, chunk=GATE_UP_CHUNK)
+                                    (down.scale * down.b).astype(dtype), hidden_act=hidden_act, chunk=GATE_UP_CHUNK,
+                                    residual=residual)
 
 
 register_fused_mlp(_mlp_with_lora_gate_up)

@@ -56,20 +56,20 @@ def takes(x_shape: tuple[int, ...], mlp: int, chunk: int, rank: int, dtype, hidd
                                                         CLUSTER) is None
 
 
-def gate_up_mlp(x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, *, hidden_act: str, chunk: int):
+def gate_up_mlp(x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, *, hidden_act: str, chunk: int, residual=None):
     """`down(act(gate(x))·up(x))` with LoRA on all three: x `[B, T, D]`, xa `[B, T, R]` (both
     adapters' x@A side by side), w_gate/w_up `[D, F]`, sb `[R, F/c, 2c]` (s·B, block-diagonal in the
     joint layout), w_down `[F, D]`, a_down `[F, r]`, sb_down `[r, D]` (s·B); one dtype throughout;
-    the result `[B, T, D]` in it."""
-    return _mlp(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down)
+    the result `[B, T, D]` in it, plus `residual` (`[B, T, D]`) if given."""
+    return _mlp(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, residual)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _mlp(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down):
-    return _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down)[0]
+def _mlp(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, residual):
+    return _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, residual)[0]
 
 
-def _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down):
+def _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, residual):
     b, t, d = x.shape
     f, k = w_gate.shape[1], kernel.ADAPTER_K
     xa_padded = jnp.pad(xa.reshape(b * t, -1), ((0, 0), (0, k - xa.shape[-1])))
@@ -77,24 +77,25 @@ def _forward(hidden_act, chunk, x, xa, w_gate, w_up, sb, w_down, a_down, sb_down
     gu, h = kernel.gate_up_activation(x.reshape(b * t, d), xa_padded, w_gate, w_up, sb_padded, hidden_act=hidden_act,
                                       chunk=chunk, cluster=CLUSTER, interpret=KERNEL == "interpret")
     gu, h = gu.reshape(b, t, f // chunk, 2 * chunk), h.reshape(b, t, f)
-    y, ha = lora_gated_down.down_products(h, w_down, a_down, sb_down)
+    y, ha = lora_gated_down.down_products(h, w_down, a_down, sb_down, residual)
     return y, (gu, h, ha)
 
 
 def _fwd(hidden_act, chunk, *args):
+    *args, residual = args
     values = [a.value for a in args]
-    y, (gu, h, ha) = _forward(hidden_act, chunk, *values)
+    y, (gu, h, ha) = _forward(hidden_act, chunk, *values, None if residual is None else residual.value)
     want_dw = (args[2].perturbed or args[3].perturbed, args[5].perturbed)  # (w_gate or w_up, w_down)
-    return y, (*values, gu, h, ha, want_dw)
+    return y, (*values, gu, h, ha, want_dw, residual is not None)
 
 
 def _bwd(hidden_act, chunk, res, dy):
-    x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, gu, h, ha, want_dw = res
-    dgu, dw_down, d_a_down, d_sb_down = lora_gated_down._joint_bwd(
-        hidden_act, (gu, h, ha, w_down, a_down, sb_down, want_dw[1]), dy)
+    x, xa, w_gate, w_up, sb, w_down, a_down, sb_down, gu, h, ha, want_dw, has_residual = res
+    dgu, dw_down, d_a_down, d_sb_down, _ = lora_gated_down._joint_bwd(
+        hidden_act, (gu, h, ha, w_down, a_down, sb_down, want_dw[1], False), dy)
     dx, dxa, (dw_gate, dw_up), dsb = lora_fused_product._bwd(
         _JOINT_PRODUCT, chunk, (x, xa, (w_gate, w_up), sb, want_dw[0]), dgu)
-    return dx, dxa, dw_gate, dw_up, dsb, dw_down, d_a_down, d_sb_down
+    return dx, dxa, dw_gate, dw_up, dsb, dw_down, d_a_down, d_sb_down, dy if has_residual else None
 
 
 _mlp.defvjp(_fwd, _bwd, symbolic_zeros=True)

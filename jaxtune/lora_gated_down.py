@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxtune import lora_projection
 from jaxtune.kernels import lora_activation_grad as kernel
 from jaxtune.kernels.activation_math import REFERENCE
 from jaxtune.model.mlp import MLP
@@ -45,10 +46,11 @@ def _kernel_mode() -> tuple[bool, bool]:
     return True, not on_gpu
 
 
-def lora_gated_down(g, u, w_down, a_down, sb_down, *, hidden_act: str):
+def lora_gated_down(g, u, w_down, a_down, sb_down, *, hidden_act: str, residual=None):
     """`act(g)·u` through a LoRA down_proj: g, u `[B, T, F]`; w_down `[F, D]` (frozen base);
-    a_down `[F, r]`; sb_down `[r, D]` (s·B); all in one dtype, the result `[B, T, D]` in it too."""
-    return _gated_down(hidden_act, g, u, w_down, a_down, sb_down)
+    a_down `[F, r]`; sb_down `[r, D]` (s·B); all in one dtype, the result `[B, T, D]` in it too,
+    `residual` (`[B, T, D]`) added to it if given (`down_products` says where)."""
+    return _gated_down(hidden_act, g, u, w_down, a_down, sb_down, residual)
 
 
 def _einsum(spec, a, b, out_dtype):
@@ -60,33 +62,47 @@ def _activation(g, u, hidden_act):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gated_down(hidden_act, g, u, w_down, a_down, sb_down):
-    return _forward(hidden_act, g, u, w_down, a_down, sb_down)[0]
+def _gated_down(hidden_act, g, u, w_down, a_down, sb_down, residual):
+    return _forward(hidden_act, g, u, w_down, a_down, sb_down, residual)[0]
 
 
-def _forward(hidden_act, g, u, w_down, a_down, sb_down):
+def _forward(hidden_act, g, u, w_down, a_down, sb_down, residual):
     h = constrain(_activation(g, u, hidden_act), MLP)
-    y, ha = down_products(h, w_down, a_down, sb_down)
+    y, ha = down_products(h, w_down, a_down, sb_down, residual)
     return y, (h, ha)
 
 
-def down_products(h, w_down, a_down, sb_down):
-    """(`h@Wd + (h@Ad)@sBd`, `h@Ad`): the LoRA down_proj's output and its adapter's rank-r input,
-    in h's dtype (what the backward needs of the forward besides h)."""
+def down_products(h, w_down, a_down, sb_down, residual=None):
+    """(`residual + h@Wd + (h@Ad)@sBd` (no residual: without it), `h@Ad`): the LoRA down_proj's
+    output and its adapter's rank-r input, in h's dtype (what the backward needs of the forward
+    besides h). Through lora_projection.py's kernel where it takes the shapes (one pass where XLA
+    makes three: the adapter's product, its add and the residual's), else in XLA."""
     ha = _einsum("btf,fr->btr", h, a_down, h.dtype)
-    return _einsum("btf,fd->btd", h, w_down, h.dtype) + _einsum("btr,rd->btd", ha, sb_down, h.dtype), ha
+    b, t, f = h.shape
+    d = w_down.shape[1]
+    if lora_projection.takes(b * t, f, d, ha.shape[-1], h.dtype):
+        flat_residual = None if residual is None else residual.reshape(b * t, d)
+        y = lora_projection.kernel_product(h.reshape(b * t, f), ha.reshape(b * t, -1), w_down, sb_down, flat_residual)
+        return y.reshape(b, t, d), ha
+    y = _einsum("btf,fd->btd", h, w_down, h.dtype) + _einsum("btr,rd->btd", ha, sb_down, h.dtype)
+    return (y if residual is None else residual + y), ha
 
 
-def _fwd(hidden_act, g, u, w_down, a_down, sb_down):
-    y, (h, ha) = _forward(hidden_act, g.value, u.value, w_down.value, a_down.value, sb_down.value)
-    return y, (g.value, u.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed)
+def _primal(arg):
+    """A custom_vjp's primal argument's value (None for an absent residual)."""
+    return None if arg is None else arg.value
+
+
+def _fwd(hidden_act, g, u, w_down, a_down, sb_down, residual):
+    y, (h, ha) = _forward(hidden_act, g.value, u.value, w_down.value, a_down.value, sb_down.value, _primal(residual))
+    return y, (g.value, u.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed, residual is not None)
 
 
 def _bwd(hidden_act, res, dy):
-    g, u, h, ha, w_down, a_down, sb_down, want_dw = res
+    g, u, h, ha, w_down, a_down, sb_down, want_dw, has_residual = res
     dh_base, dha, down_grads = _down_grads(dy.astype(g.dtype), h, ha, w_down, a_down, sb_down, want_dw)
     dg, du = _activation_grad(g, u, dh_base, dha, a_down, hidden_act)
-    return dg, du, *down_grads
+    return dg, du, *down_grads, dy if has_residual else None
 
 
 def _down_grads(dy, h, ha, w_down, a_down, sb_down, want_dw):
@@ -108,11 +124,11 @@ _gated_down.defvjp(_fwd, _bwd, symbolic_zeros=True)
 JOINT = ("act_batch", "act_length", "act_mlp", None)  # its logical axes: chunks split like the mlp dim
 
 
-def lora_gated_down_joint(gu, w_down, a_down, sb_down, *, hidden_act: str):
+def lora_gated_down_joint(gu, w_down, a_down, sb_down, *, hidden_act: str, residual=None):
     """`lora_gated_down` for gate and up held in one array `gu` `[B, T, F/c, 2c]` (`JOINT`'s
     layout); gu's gradient comes back in that layout, as the matmul that wrote it wants it, with
     no concatenation of separate gate and up gradients."""
-    return _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down)
+    return _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down, residual)
 
 
 def _split_joint(gu):
@@ -122,19 +138,21 @@ def _split_joint(gu):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down):
-    return _forward(hidden_act, *_split_joint(gu), w_down, a_down, sb_down)[0]
+def _gated_down_joint(hidden_act, gu, w_down, a_down, sb_down, residual):
+    return _forward(hidden_act, *_split_joint(gu), w_down, a_down, sb_down, residual)[0]
 
 
-def _joint_fwd(hidden_act, gu, w_down, a_down, sb_down):
-    y, (h, ha) = _forward(hidden_act, *_split_joint(gu.value), w_down.value, a_down.value, sb_down.value)
-    return y, (gu.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed)
+def _joint_fwd(hidden_act, gu, w_down, a_down, sb_down, residual):
+    y, (h, ha) = _forward(hidden_act, *_split_joint(gu.value), w_down.value, a_down.value, sb_down.value,
+                          _primal(residual))
+    return y, (gu.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed, residual is not None)
 
 
 def _joint_bwd(hidden_act, res, dy):
-    gu, h, ha, w_down, a_down, sb_down, want_dw = res
+    gu, h, ha, w_down, a_down, sb_down, want_dw, has_residual = res
     dh_base, dha, down_grads = _down_grads(dy.astype(gu.dtype), h, ha, w_down, a_down, sb_down, want_dw)
-    return _activation_grad_joint(gu, dh_base, dha, a_down, hidden_act), *down_grads
+    return (_activation_grad_joint(gu, dh_base, dha, a_down, hidden_act), *down_grads,
+            dy if has_residual else None)
 
 
 _gated_down_joint.defvjp(_joint_fwd, _joint_bwd, symbolic_zeros=True)

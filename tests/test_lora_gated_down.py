@@ -72,11 +72,11 @@ def _mlp_params(d=32, f=128, r=8, dtype=jnp.float32, gate_dropout=0.0):
             "down_proj": {"kernel": _leaf(ks[2], f, d, r, dtype=dtype)}}
 
 
-def _block_loss(params, x, dtype, act="silu", fused=True, dropout_key=None):
+def _block_loss(params, x, dtype, act="silu", fused=True, dropout_key=None, residual=None):
     if dropout_key is not None:  # set inside: the differentiated params stay float arrays
         params = jax.tree.map(lambda w: w.replace(dropout_key=dropout_key) if isinstance(w, lora.LoRA) and w.dropout else w,
                               params, is_leaf=lambda w: isinstance(w, lora.LoRA))
-    y = mlp_module.gated_mlp(x, params, act, dtype, fused=fused)
+    y = mlp_module.gated_mlp(x, params, act, dtype, fused=fused, residual=residual)
     return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(y.shape[-1]))
 
 

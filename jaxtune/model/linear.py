@@ -16,13 +16,18 @@ import numpy as np
 
 LinearImpl = Callable[..., jax.Array]
 _IMPLS: dict[type, LinearImpl] = {}
+_TAKES_RESIDUAL: set[type] = set()
 ConcatImpl = Callable[[list, int, list], object]
 _CONCATS: dict[type, ConcatImpl] = {}
 
 
-def register_linear(leaf_type: type, impl: LinearImpl) -> None:
-    """Make `linear` call `impl(x, w, spec, dtype)` (float32 or `dtype` result) for `leaf_type` weights."""
+def register_linear(leaf_type: type, impl: LinearImpl, *, takes_residual: bool = False) -> None:
+    """Make `linear` call `impl(x, w, spec, dtype)` (float32 or `dtype` result) for `leaf_type` weights;
+    with `takes_residual`, `impl(x, w, spec, dtype, residual)` (residual: None or an array to add to
+    the result, in `dtype`), so that it can add it inside its own kernels."""
     _IMPLS[leaf_type] = impl
+    if takes_residual:
+        _TAKES_RESIDUAL.add(leaf_type)
 
 
 def register_concat(leaf_type: type, impl: ConcatImpl) -> None:
@@ -62,11 +67,14 @@ def dense(x: jax.Array, kernel: jax.Array, spec: str, dtype, out_dtype=jnp.float
     return jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
 
 
-def linear(x: jax.Array, w, spec: str, dtype, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w, spec: str, dtype, bias: jax.Array | None = None,
+           residual: jax.Array | None = None) -> jax.Array:
     """Project `x` by weight leaf `w` following einsum `spec` (e.g. 'btd,dnh->btnh').
 
     Shapes are in the spec's letters; the result is in `dtype`. `bias` has the output's trailing
-    shape and is added in float32 before the cast to `dtype`.
+    shape and is added in float32 before the cast to `dtype`. `residual` (the output's shape, in
+    `dtype`): the result is `residual + projection`, as the caller would add it; a weight type
+    registered `takes_residual` may add it inside its product's kernel.
     """
     if isinstance(w, (jax.Array, np.ndarray)):
         out = dense(x, w, spec, dtype, out_dtype=dtype if bias is None else jnp.float32)
@@ -74,7 +82,10 @@ def linear(x: jax.Array, w, spec: str, dtype, bias: jax.Array | None = None) -> 
         impl = _IMPLS.get(type(w))
         if impl is None:
             raise TypeError(f"linear() has no implementation for weight leaf type {type(w).__name__}")
+        if type(w) in _TAKES_RESIDUAL and bias is None:
+            return impl(x, w, spec, dtype, residual).astype(dtype)
         out = impl(x, w, spec, dtype)
     if bias is not None:
         out = out.astype(jnp.float32) + bias.astype(jnp.float32)
-    return out.astype(dtype)
+    out = out.astype(dtype)
+    return out if residual is None else residual + out

@@ -21,12 +21,14 @@ from jaxtune.sharding import constrain
 
 MLP = ("act_batch", "act_length", "act_mlp")  # logical axes of the [B, T, F] activations
 
-FusedMlp = Callable[[jax.Array, dict, str, object], "jax.Array | None"]
+FusedMlp = Callable[[jax.Array, dict, str, object, "jax.Array | None"], "jax.Array | None"]
 _FUSED: list[FusedMlp] = []
 
 
 def register_fused_mlp(impl: FusedMlp) -> None:
-    """Make `gated_mlp` try `impl(x_btd, mlp_params, hidden_act, dtype)` before the plain form."""
+    """Make `gated_mlp` try `impl(x_btd, mlp_params, hidden_act, dtype, residual)` before the plain
+    form: the block's output plus `residual` (None: the output alone), or None where it does not
+    take these params."""
     if impl not in _FUSED:
         _FUSED.append(impl)
 
@@ -41,14 +43,18 @@ def gated_activation(gate: jax.Array, up: jax.Array, hidden_act: str) -> jax.Arr
     return (REFERENCE[hidden_act](gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
 
 
-def gated_mlp(x_btd: jax.Array, mlp: dict, hidden_act: str, dtype, *, fused: bool = True) -> jax.Array:
-    """The MLP block's output `[B, T, D]` in `dtype` for its normed input `x_btd`; `fused=False`
-    skips the registered fused versions (the per-projection form, for comparisons)."""
+def gated_mlp(x_btd: jax.Array, mlp: dict, hidden_act: str, dtype, *, fused: bool = True,
+              residual: jax.Array | None = None) -> jax.Array:
+    """The MLP block's output `[B, T, D]` in `dtype` for its normed input `x_btd`, plus `residual`
+    (`[B, T, D]` in `dtype`) if given, which the down projection's kernels may add in their
+    epilogue; `fused=False` skips the registered fused versions (the per-projection form, for
+    comparisons)."""
     for impl in _FUSED if fused else ():
-        out = impl(x_btd, mlp, hidden_act, dtype)
+        out = impl(x_btd, mlp, hidden_act, dtype, residual)
         if out is not None:
             return out
     gate_btf = linear(x_btd, mlp["gate_proj"]["kernel"], "btd,df->btf", dtype, mlp["gate_proj"].get("bias"))
     up_btf = linear(x_btd, mlp["up_proj"]["kernel"], "btd,df->btf", dtype, mlp["up_proj"].get("bias"))
     act_btf = constrain(gated_activation(gate_btf, up_btf, hidden_act), MLP)
-    return linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, mlp["down_proj"].get("bias"))
+    return linear(act_btf, mlp["down_proj"]["kernel"], "btf,fd->btd", dtype, mlp["down_proj"].get("bias"),
+                  residual=residual)

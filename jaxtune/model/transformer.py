@@ -76,11 +76,11 @@ def decoder_layer(cfg: ModelConfig, dtype, h_btd: jax.Array, layer: dict, window
     k_btkh = checkpoint_name(constrain(apply_rope(k_btkh, cos_bth, sin_bth), KV_HEADS), "attention_k")
     v_btkh = checkpoint_name(constrain(v_btkh, KV_HEADS), "attention_v")
     o_btnh, attend_state = attend(q_btnh, k_btkh, v_btkh, window, attend_state)
-    h_btd = h_btd + linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]))
+    h_btd = linear(o_btnh, attn["o_proj"]["kernel"], "btnh,nhd->btd", dtype, _bias(attn["o_proj"]), residual=h_btd)
     h_btd = checkpoint_name(constrain(h_btd, RESIDUAL), "attention_block_out")
 
     h_btd, x_btd = residual_rms_norm(h_btd, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps, RESIDUAL)
-    h_btd = h_btd + gated_mlp(x_btd, mlp, cfg.hidden_act, dtype)
+    h_btd = gated_mlp(x_btd, mlp, cfg.hidden_act, dtype, residual=h_btd)
     return constrain(h_btd, RESIDUAL), attend_state
 
 

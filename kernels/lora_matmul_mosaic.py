@@ -1,0 +1,256 @@
+"""A LoRA projection's two products and an optional residual as one Mosaic GPU (Hopper) kernel:
+`out = residual + x@W + xa@sB`, in x's dtype, with float32 accumulation.
+
+Why (issue 9, benchmarks/RESULTS.md, eighteenth round): around a LoRA projection XLA runs cuBLAS for
+`x@W`, a Triton GEMM fusion for the adapter's `xa@sB` and a pass that adds the two (and, at o_proj
+and down_proj, the residual stream): cuBLAS takes a matrix addend only as an operand as it is, never
+another fusion's output, so those passes cannot be written away. Here the adapter's product is one
+more K step into the same float32 accumulator, and the residual is read in the epilogue while the
+other consumer's wgmma's run.
+
+The same kernel serves the backward's input gradient: with `transpose=True` it computes
+`x@Wᵀ + xa@sBᵀ` from W `[N, K]` and sB `[N, r]` as stored (for a projection `y = x@W + (x@A)@sB'`
+that is `dx = dy@Wᵀ + dxa@Aᵀ` with `dxa = dy@sB'ᵀ`: W and A exactly as the parameters hold them).
+
+Schedule: `kernels/gate_up_activation_mosaic.py`'s ping-pong (its docstring says why): two consumer
+warpgroups each own whole 64 × 256 tiles and take the program's tiles in turn, one producer streams
+every K step of every tile through one ring of SMEM slots, so one consumer's epilogue runs under the
+other's main loop. Each consumer has a `[64, 256]` staging buffer (four 64 × 64 swizzled tiles); with
+a residual it loads the tile's residual there when its main loop starts, adds it in float32 in the
+epilogue, and stores the sum from the same buffer.
+
+The adapters' K is padded to 64 (`ADAPTER_K`, see gate_up_activation_mosaic's docstring: wgmma's A
+operand lowers here only with 128-byte swizzled rows); the zero rows or columns add nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxtune.kernels.mosaic_smem import interpret_params, smem_transforms
+
+TILE_M = 64  # token rows per tile (one consumer's wgmma rows)
+TILE_N = 256  # output columns per tile: one 64 × 256 float32 accumulator, 128 registers a thread
+BLOCK_K = 64  # one 128-byte swizzle row of bf16
+ADAPTER_K = 64  # the adapters' K, padded
+STORE_N = 64  # columns per output store (the staging buffer is TILE_N // STORE_N such tiles)
+TILE_BAND = 32  # token tiles per band of the tile order (as gate_up_activation_mosaic's)
+CONSUMERS = 2
+PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
+
+
+def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 1) -> str | None:
+    """None where the kernel takes `[tokens, k] @ [k, n]` with adapters of K `adapter_k` (padded) in
+    `dtype` over CTA clusters of `cluster`, else why not (one line)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
+    for name, size, step in (("tokens", tokens, TILE_M), ("K", k, BLOCK_K), ("N", n, TILE_N)):
+        if size % step:
+            return f"{name} = {size} is not a multiple of {step}"
+    if adapter_k != ADAPTER_K:
+        return f"adapter K = {adapter_k}: the kernel takes one K step of {ADAPTER_K} (ranks up to {ADAPTER_K})"
+    if cluster not in (1, 2) or (tokens // TILE_M) % cluster:
+        return f"cluster = {cluster} (1, or 2 with an even number of {TILE_M}-row tiles)"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "stages", "cluster", "programs", "interpret"))
+def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages: int = 4, cluster: int = 1,
+                programs: int | None = None, interpret: bool = False):
+    """`residual + x@W + xa@sB` (`transpose`: `x@Wᵀ + xa@sBᵀ`, plus the residual) for x `[T, K]`,
+    W `[K, N]` (`[N, K]`), xa `[T, ADAPTER_K]`, sB `[ADAPTER_K, N]` (`[N, ADAPTER_K]`), residual
+    `[T, N]` or None; one dtype throughout, float32 accumulation, the residual added in float32
+    before the one rounding. `programs`: persistent programs sharing the tiles (default one per SM;
+    3 in interpret mode, so the CPU tests walk several tiles per program and both consumers).
+    `cluster` 2: programs in pairs on vertically adjacent tiles, W's and sB's tiles multicast to both."""
+    t, k = x.shape
+    n = w.shape[0] if transpose else w.shape[1]
+    r = xa.shape[1]
+    why = supports(t, k, n, r, x.dtype, cluster)
+    if why is not None:
+        raise ValueError(f"lora_matmul does not take these shapes: {why}")
+    want = {"w": (n, k) if transpose else (k, n), "sb": (n, r) if transpose else (r, n), "xa": (t, r)}
+    got = {"w": w.shape, "sb": sb.shape, "xa": xa.shape}
+    if residual is not None:
+        want["residual"], got["residual"] = (t, n), residual.shape
+    for name in want:
+        if tuple(got[name]) != want[name]:
+            raise ValueError(f"lora_matmul: {name} has shape {tuple(got[name])}, expected {want[name]} "
+                             f"(x {tuple(x.shape)}, transpose={transpose})")
+    if stages < 2:
+        raise ValueError(f"lora_matmul needs at least two stages, got {stages=}")
+    dtype = x.dtype
+    m_tiles, n_tiles = t // TILE_M, n // TILE_N
+    k_steps = k // BLOCK_K + 1  # the frozen kernel's K steps, then the adapters' one
+    if programs is None:
+        programs = 3 if interpret else _sm_count()
+    if programs < 1:
+        raise ValueError(f"lora_matmul needs at least one program, got programs={programs}")
+    programs = min(programs, m_tiles * n_tiles) // cluster * cluster
+    if programs < 1:
+        raise ValueError(f"lora_matmul needs at least {cluster} programs with cluster = {cluster}")
+    cluster_tiles = (m_tiles // cluster) * n_tiles
+    multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
+    tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
+    chunks = TILE_N // STORE_N
+    with_residual = residual is not None
+    w_tile = (TILE_N, BLOCK_K) if transpose else (BLOCK_K, TILE_N)
+
+    def jaxtune_lora_matmul(x_gmem, w_gmem, xa_gmem, sb_gmem, *refs):
+        res_gmem, out_gmem = refs if with_residual else (None, refs[0])
+
+        def scope(x_smem, w_smem, out_smem, filled, consumed, res_ready):
+            wg = lax.axis_index("wg")  # 0, 1: consumers; 2: the producer
+
+            def tile_at(linear):
+                """(token rows, output columns) of tile `linear`: bands of `TILE_BAND` token tiles
+                walked snake-wise across the columns, so tiles in flight share x's rows and W's
+                columns in L2."""
+                mi, ni = plgpu.planar_snake(linear, (m_tiles // cluster, n_tiles), 0, TILE_BAND // cluster)
+                if cluster > 1:
+                    mi = mi * cluster + lax.axis_index("cluster")
+                return pl.ds(mi * TILE_M, TILE_M), pl.ds(ni * TILE_N, TILE_N)
+
+            @pl.when(wg == CONSUMERS)
+            def _producer():
+                plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
+                def _tile(loop):
+                    rows, cols = tile_at(loop.index[0])
+                    owner = lax.rem(loop.local_index, CONSUMERS)
+
+                    def load(step_k, _):
+                        step = loop.local_index * k_steps + step_k
+                        slot = lax.rem(step, stages)
+
+                        @pl.when(step >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        barrier = filled.at[owner * stages + slot]
+
+                        @pl.when(step_k < k_steps - 1)
+                        def _():
+                            ks = pl.ds(step_k * BLOCK_K, BLOCK_K)
+                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
+                            src = w_gmem.at[cols, ks] if transpose else w_gmem.at[ks, cols]
+                            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
+
+                        @pl.when(step_k == k_steps - 1)
+                        def _():
+                            plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
+                            src = sb_gmem.at[cols, :] if transpose else sb_gmem.at[:, cols]
+                            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
+
+                    lax.fori_loop(0, k_steps, load, None)
+
+                # Observe the last releases, so that no barrier phase is left pending at exit.
+                total = _local_tiles(cluster_tiles, programs // cluster) * k_steps
+
+                def drain(step, _):
+                    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+                lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+
+            @pl.when(wg < CONSUMERS)
+            def _consumer():
+                plgpu.set_max_registers(_consumer_registers(), action="increase")
+                staging = out_smem.at[wg]
+
+                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
+                def _tile(loop):
+                    @pl.when(lax.rem(loop.local_index, CONSUMERS) == wg)
+                    def _mine():
+                        rows, cols = tile_at(loop.index[0])
+                        # The previous tile's stores have read the staging buffer (they were issued
+                        # a whole main loop of the other consumer ago).
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        if with_residual:  # lands during the main loop
+                            for i in range(chunks):
+                                plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(cols.start + i * STORE_N, STORE_N)],
+                                                        staging.at[i], res_ready.at[wg])
+                        first = loop.local_index * k_steps
+
+                        def accumulate(acc):
+                            def k_step(step_k, _):
+                                slot = lax.rem(first + step_k, stages)
+                                plgpu.barrier_wait(filled.at[wg * stages + slot])
+                                w_view = w_smem.at[slot]
+                                plgpu.wgmma(acc, x_smem.at[slot], w_view.transpose((1, 0)) if transpose else w_view)
+                                # Keep this step's product in flight; the previous step's is done,
+                                # so its slot goes back to the producer.
+                                plgpu.wgmma_wait(1)
+
+                                @pl.when(step_k > 0)
+                                def _():
+                                    plgpu.barrier_arrive(consumed.at[lax.rem(first + step_k - 1, stages)])
+
+                            lax.fori_loop(0, k_steps, k_step, None)
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(consumed.at[lax.rem(first + k_steps - 1, stages)])
+                            return acc[...]
+
+                        acc = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32))
+                        if with_residual:
+                            plgpu.barrier_wait(res_ready.at[wg])
+                        for i in range(chunks):
+                            value = acc[:, i * STORE_N:(i + 1) * STORE_N]
+                            if with_residual:
+                                value = value + staging.at[i][...].astype(jnp.float32)
+                            staging.at[i][...] = value.astype(dtype)
+                            plgpu.commit_smem()  # the registers' writes land before TMA reads SMEM
+                            plgpu.copy_smem_to_gmem(staging.at[i],
+                                                    out_gmem.at[rows, pl.ds(cols.start + i * STORE_N, STORE_N)])
+
+                plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scope,
+            plgpu.SMEM((stages, TILE_M, BLOCK_K), dtype, transforms=tf),  # x (or xa) tiles
+            plgpu.SMEM((stages, *w_tile), dtype, transforms=tf),  # W (or sB) tiles
+            plgpu.SMEM((CONSUMERS, chunks, TILE_M, STORE_N), dtype, transforms=tf),  # each consumer's staging
+            plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS * stages),  # slot filled, per consumer
+            # slot consumed (with a cluster: by both programs' consumers, as both programs' copies refill it)
+            plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1
+            else plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=chunks, num_barriers=CONSUMERS),  # a consumer's residual tile landed
+            collective_axes="wg",
+        )
+
+    kernel = plgpu.kernel(
+        jaxtune_lora_matmul,  # named after what it is, for compiler dumps and profiles
+        out_type=jax.ShapeDtypeStruct((t, n), dtype),
+        grid=(programs // cluster,),
+        grid_names=("program",),
+        **({"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}),
+        num_threads=CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params() if interpret else None,
+    )
+    return kernel(x, w, xa, sb, *(() if residual is None else (residual,)))
+
+
+def _local_tiles(tiles: int, programs: int):
+    """How many of `tiles` this program walks (nd_loop deals them out round-robin)."""
+    program = lax.axis_index("program")
+    return tiles // programs + (program < tiles % programs).astype(jnp.int32)
+
+
+def _consumer_registers() -> int:
+    """Registers per consumer thread: the SM's 64k over four warpgroups' worth of 128 threads each,
+    less the producer's, shared by the consumers (a multiple of 8, at most 256)."""
+    return min(256, (512 - PRODUCER_REGISTERS) // CONSUMERS) // 8 * 8
+
+
+def _sm_count() -> int:
+    """SMs of the device the kernel is traced for (an abstract one when lowered ahead of time)."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.num_cores if device is not None else jax.devices()[0].core_count
