@@ -82,6 +82,7 @@ class JaxtuneKnobs:
     lora_kernel: str | None = None  # plain LoRA projections (and the residual adds after o_proj and down_proj)
     # through one Hopper kernel: "auto" or "off"; None: the trainer's (jaxtune/lora_projection.py KERNEL)
     lora_cluster: int | None = None  # that kernel's CTAs per cluster (None: jaxtune/lora_projection.py CLUSTER)
+    lora_cooperative_k: int | None = None  # that kernel's cooperative tiles from this K (None: lora_projection.py's)
     norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
@@ -98,6 +99,7 @@ class JaxtuneKnobs:
                 + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
                 + (["--lora-kernel", self.lora_kernel] if self.lora_kernel else [])
                 + (["--lora-cluster", str(self.lora_cluster)] if self.lora_cluster else [])
+                + (["--lora-cooperative-k", str(self.lora_cooperative_k)] if self.lora_cooperative_k else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
@@ -174,6 +176,10 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
 
         lora_projection.KERNEL = knobs.lora_kernel or lora_projection.KERNEL
         lora_projection.CLUSTER = knobs.lora_cluster or lora_projection.CLUSTER
+    if knobs.lora_cooperative_k:
+        from jaxtune import lora_projection
+
+        lora_projection.COOPERATIVE_K = knobs.lora_cooperative_k
     if knobs.gate_up_kernel == "off":
         from jaxtune import lora_gate_up
 
@@ -529,6 +535,9 @@ def main() -> None:
                              "default: the trainer's (jaxtune/lora_projection.py KERNEL)")
     parser.add_argument("--lora-cluster", type=int, choices=(1, 2), default=None,
                         help="jaxtune: CTAs per cluster of that kernel; default: jaxtune/lora_projection.py CLUSTER")
+    parser.add_argument("--lora-cooperative-k", type=int, default=None,
+                        help="jaxtune: that kernel's products with K at least this take cooperative 128-row tiles; "
+                             "default: jaxtune/lora_projection.py COOPERATIVE_K")
     parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
                         help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
                              "or as XLA's fusions of the plain form (off); default: the trainer's "
@@ -550,6 +559,7 @@ def main() -> None:
                          gate_up_cluster=args.gate_up_cluster,
                          joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
                          lora_kernel=args.lora_kernel, lora_cluster=args.lora_cluster,
+                         lora_cooperative_k=args.lora_cooperative_k,
                          norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:

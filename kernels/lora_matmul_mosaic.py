@@ -40,17 +40,24 @@ TILE_N = 256  # output columns per tile: one 64 × 256 float32 accumulator, 128 
 BLOCK_K = 64  # one 128-byte swizzle row of bf16
 ADAPTER_K = 64  # the adapters' K, padded
 STORE_N = 64  # columns per output store (the staging buffer is TILE_N // STORE_N such tiles)
-TILE_BAND = 32  # token tiles per band of the tile order (as gate_up_activation_mosaic's)
+# Token rows per band of the tile order: 2048 measured best for both tilings at the 1B step's
+# shapes (32 ping-pong tiles, as gate_up_activation_mosaic's; 16 cooperative ones), RESULTS.
+BAND_ROWS = 2048
 CONSUMERS = 2
 PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
 
 
-def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 1) -> str | None:
+def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 1,
+             cooperative: bool = False) -> str | None:
     """None where the kernel takes `[tokens, k] @ [k, n]` with adapters of K `adapter_k` (padded) in
-    `dtype` over CTA clusters of `cluster`, else why not (one line)."""
+    `dtype` over CTA clusters of `cluster` (`cooperative`: see `lora_matmul`), else why not (one
+    line)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
-    for name, size, step in (("tokens", tokens, TILE_M), ("K", k, BLOCK_K), ("N", n, TILE_N)):
+    if cooperative and cluster != 1:
+        return f"cluster = {cluster} with cooperative tiles (1 only)"
+    tile_m = TILE_M * (CONSUMERS if cooperative else 1)
+    for name, size, step in (("tokens", tokens, tile_m), ("K", k, BLOCK_K), ("N", n, TILE_N)):
         if size % step:
             return f"{name} = {size} is not a multiple of {step}"
     if adapter_k != ADAPTER_K:
@@ -60,19 +67,23 @@ def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("transpose", "stages", "cluster", "programs", "interpret"))
+@functools.partial(jax.jit, static_argnames=("transpose", "stages", "cluster", "cooperative", "programs",
+                                             "interpret"))
 def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages: int = 4, cluster: int = 1,
-                programs: int | None = None, interpret: bool = False):
+                cooperative: bool = False, programs: int | None = None, interpret: bool = False):
     """`residual + x@W + xa@sB` (`transpose`: `x@Wᵀ + xa@sBᵀ`, plus the residual) for x `[T, K]`,
     W `[K, N]` (`[N, K]`), xa `[T, ADAPTER_K]`, sB `[ADAPTER_K, N]` (`[N, ADAPTER_K]`), residual
     `[T, N]` or None; one dtype throughout, float32 accumulation, the residual added in float32
     before the one rounding. `programs`: persistent programs sharing the tiles (default one per SM;
     3 in interpret mode, so the CPU tests walk several tiles per program and both consumers).
-    `cluster` 2: programs in pairs on vertically adjacent tiles, W's and sB's tiles multicast to both."""
+    `cluster` 2: programs in pairs on vertically adjacent tiles, W's and sB's tiles multicast to both.
+    `cooperative`: both consumers work on every tile, 128 rows × 256 columns, 64 rows each, sharing
+    its W tile (half the SMEM traffic per product of ping-pong's tiles, for long K where the
+    epilogue's share is small; 3 stages fit: pass stages=3)."""
     t, k = x.shape
     n = w.shape[0] if transpose else w.shape[1]
     r = xa.shape[1]
-    why = supports(t, k, n, r, x.dtype, cluster)
+    why = supports(t, k, n, r, x.dtype, cluster, cooperative)
     if why is not None:
         raise ValueError(f"lora_matmul does not take these shapes: {why}")
     want = {"w": (n, k) if transpose else (k, n), "sb": (n, r) if transpose else (r, n), "xa": (t, r)}
@@ -86,7 +97,8 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
     if stages < 2:
         raise ValueError(f"lora_matmul needs at least two stages, got {stages=}")
     dtype = x.dtype
-    m_tiles, n_tiles = t // TILE_M, n // TILE_N
+    tile_m = TILE_M * (CONSUMERS if cooperative else 1)  # rows per tile
+    m_tiles, n_tiles = t // tile_m, n // TILE_N
     k_steps = k // BLOCK_K + 1  # the frozen kernel's K steps, then the adapters' one
     if programs is None:
         programs = 3 if interpret else _sm_count()
@@ -109,13 +121,14 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
             wg = lax.axis_index("wg")  # 0, 1: consumers; 2: the producer
 
             def tile_at(linear):
-                """(token rows, output columns) of tile `linear`: bands of `TILE_BAND` token tiles
+                """(token rows, output columns) of tile `linear`: bands of `BAND_ROWS` token rows
                 walked snake-wise across the columns, so tiles in flight share x's rows and W's
                 columns in L2."""
-                mi, ni = plgpu.planar_snake(linear, (m_tiles // cluster, n_tiles), 0, TILE_BAND // cluster)
+                band = max(BAND_ROWS // (tile_m * cluster), 1)
+                mi, ni = plgpu.planar_snake(linear, (m_tiles // cluster, n_tiles), 0, band)
                 if cluster > 1:
                     mi = mi * cluster + lax.axis_index("cluster")
-                return pl.ds(mi * TILE_M, TILE_M), pl.ds(ni * TILE_N, TILE_N)
+                return pl.ds(mi * tile_m, tile_m), pl.ds(ni * TILE_N, TILE_N)
 
             @pl.when(wg == CONSUMERS)
             def _producer():
@@ -124,7 +137,7 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                 @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
                     rows, cols = tile_at(loop.index[0])
-                    owner = lax.rem(loop.local_index, CONSUMERS)
+                    owner = 0 if cooperative else lax.rem(loop.local_index, CONSUMERS)
 
                     def load(step_k, _):
                         step = loop.local_index * k_steps + step_k
@@ -166,11 +179,13 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
 
                 @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
-                    @pl.when(lax.rem(loop.local_index, CONSUMERS) == wg)
-                    def _mine():
-                        rows, cols = tile_at(loop.index[0])
-                        # The previous tile's stores have read the staging buffer (they were issued
-                        # a whole main loop of the other consumer ago).
+                    def tile():
+                        tile_rows, cols = tile_at(loop.index[0])
+                        # this consumer's rows of the tile
+                        rows = pl.ds(tile_rows.start + wg * TILE_M, TILE_M) if cooperative else tile_rows
+
+                        # The previous tile's stores have read the staging buffer (ping-pong: they
+                        # were issued a whole main loop of the other consumer ago).
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         if with_residual:  # lands during the main loop
                             for i in range(chunks):
@@ -181,9 +196,10 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                         def accumulate(acc):
                             def k_step(step_k, _):
                                 slot = lax.rem(first + step_k, stages)
-                                plgpu.barrier_wait(filled.at[wg * stages + slot])
+                                plgpu.barrier_wait(filled.at[(0 if cooperative else wg) * stages + slot])
                                 w_view = w_smem.at[slot]
-                                plgpu.wgmma(acc, x_smem.at[slot], w_view.transpose((1, 0)) if transpose else w_view)
+                                x_view = x_smem.at[slot].at[pl.ds(wg * TILE_M, TILE_M)] if cooperative else x_smem.at[slot]
+                                plgpu.wgmma(acc, x_view, w_view.transpose((1, 0)) if transpose else w_view)
                                 # Keep this step's product in flight; the previous step's is done,
                                 # so its slot goes back to the producer.
                                 plgpu.wgmma_wait(1)
@@ -209,17 +225,24 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                             plgpu.copy_smem_to_gmem(staging.at[i],
                                                     out_gmem.at[rows, pl.ds(cols.start + i * STORE_N, STORE_N)])
 
+                    if cooperative:  # every tile, both consumers
+                        tile()
+                    else:  # the program's tiles in turn
+                        pl.when(lax.rem(loop.local_index, CONSUMERS) == wg)(tile)
+
                 plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(
             scope,
-            plgpu.SMEM((stages, TILE_M, BLOCK_K), dtype, transforms=tf),  # x (or xa) tiles
+            plgpu.SMEM((stages, tile_m, BLOCK_K), dtype, transforms=tf),  # x (or xa) tiles
             plgpu.SMEM((stages, *w_tile), dtype, transforms=tf),  # W (or sB) tiles
             plgpu.SMEM((CONSUMERS, chunks, TILE_M, STORE_N), dtype, transforms=tf),  # each consumer's staging
-            plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS * stages),  # slot filled, per consumer
-            # slot consumed (with a cluster: by both programs' consumers, as both programs' copies refill it)
+            # slot filled: per consumer (ping-pong), or one both wait on (cooperative)
+            plgpu.Barrier(num_arrivals=2, num_barriers=(1 if cooperative else CONSUMERS) * stages),
+            # slot consumed (with a cluster: by both programs' consumers, as both programs' copies
+            # refill it; cooperative: by both consumers)
             plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1
-            else plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            else plgpu.Barrier(num_arrivals=CONSUMERS if cooperative else 1, num_barriers=stages),
             plgpu.Barrier(num_arrivals=chunks, num_barriers=CONSUMERS),  # a consumer's residual tile landed
             collective_axes="wg",
         )

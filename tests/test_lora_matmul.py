@@ -30,21 +30,26 @@ def _inputs(tokens, k, n, transpose, residual):
     return rand(0, (tokens, k), 1.0), w, rand(1, (tokens, lm.ADAPTER_K), 1.0), sb, res
 
 
-@pytest.mark.parametrize("tokens,k,n,transpose,residual,stages,programs,cluster", [
-    (64, 64, 256, False, False, 2, None, 1),  # one tile, two K steps (one frozen, the adapters')
+@pytest.mark.parametrize("tokens,k,n,transpose,residual,stages,programs,cluster,cooperative", [
+    (64, 64, 256, False, False, 2, None, 1, False),  # one tile, two K steps (one frozen, the adapters')
     # 2 x 2 tiles over 3 programs, so one program's two consumers each take one; 3 K steps through
     # 3 slots, so slots and phases carry from tile to tile; the residual in the epilogue
-    (128, 128, 512, False, True, 3, None, 1),
+    (128, 128, 512, False, True, 3, None, 1, False),
     # the backward's form: W and sB as stored, transposed in SMEM; 4 x 1 tiles over 2 programs
-    (256, 192, 256, True, False, 3, 2, 1),
-    (128, 128, 512, True, True, 2, 1, 1),  # one program walks all four tiles, its consumers in turn
+    (256, 192, 256, True, False, 3, 2, 1, False),
+    (128, 128, 512, True, True, 2, 1, 1, False),  # one program walks all four tiles, its consumers in turn
     # 2-CTA clusters: 2 pairs of programs over 4 x 2 tiles, W's tiles multicast to each pair
-    (256, 128, 512, False, True, 3, 4, 2),
+    (256, 128, 512, False, True, 3, 4, 2, False),
+    # cooperative 128-row tiles, both consumers on each: 2 x 2 tiles over 3 programs, forward with
+    # the residual and the transposed form
+    (256, 128, 512, False, True, 3, None, 1, True),
+    (256, 192, 256, True, False, 2, 1, 1, True),
 ])
-def test_lora_matmul_matches_float32_products(tokens, k, n, transpose, residual, stages, programs, cluster):
+def test_lora_matmul_matches_float32_products(tokens, k, n, transpose, residual, stages, programs, cluster,
+                                              cooperative):
     x, w, xa, sb, res = _inputs(tokens, k, n, transpose, residual)
     out = lm.lora_matmul(x, w, xa, sb, res, transpose=transpose, stages=stages, programs=programs,
-                         cluster=cluster, interpret=INTERPRET)
+                         cluster=cluster, cooperative=cooperative, interpret=INTERPRET)
     f32 = lambda a: np.asarray(a, np.float32)
     w_, sb_ = (f32(w).T, f32(sb).T) if transpose else (f32(w), f32(sb))
     frozen, adapter = f32(x) @ w_, f32(xa) @ sb_
@@ -62,6 +67,8 @@ def test_lora_matmul_refuses_shapes_by_name():
     assert "adapter K = 16" in lm.supports(8192, 2048, 2048, 16, jnp.bfloat16)
     assert "float32" in lm.supports(8192, 2048, 2048, 64, jnp.float32)
     assert "cluster = 2" in lm.supports(64, 2048, 2048, 64, jnp.bfloat16, cluster=2)
+    assert "tokens = 64 is not a multiple of 128" in lm.supports(64, 2048, 2048, 64, jnp.bfloat16, cooperative=True)
+    assert "cooperative" in lm.supports(8192, 2048, 2048, 64, jnp.bfloat16, cluster=2, cooperative=True)
     x, w, xa, sb, res = _inputs(64, 64, 256, False, True)
     with pytest.raises(ValueError, match=r"residual has shape \(64, 128\), expected \(64, 256\)"):
         lm.lora_matmul(x, w, xa, sb, res[:, :128], interpret=INTERPRET)
@@ -77,10 +84,12 @@ def test_lora_matmul_lowers_for_an_h200():
     """Compiled for a GPU the kernel goes through Mosaic GPU's layout inference and SMEM budget,
     which interpret mode skips: lowered here, from the CPU, at the 1B step's o_proj shapes (4
     stages and two 64 × 256 staging buffers: 224 KiB of SMEM), forward with the residual, the
-    backward's transposed form, and 2-CTA clusters."""
+    backward's transposed form, 2-CTA clusters, and cooperative 128-row tiles (3 stages: 208 KiB)."""
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    for transpose, residual, cluster in ((False, True, 1), (True, False, 1), (False, True, 2)):
+    for transpose, residual, cluster, cooperative in ((False, True, 1, False), (True, False, 1, False),
+                                                      (False, True, 2, False), (False, True, 1, True)):
         sb = s(2048, 64) if transpose else s(64, 2048)
-        fn = functools.partial(lm.lora_matmul, transpose=transpose, cluster=cluster)
+        fn = functools.partial(lm.lora_matmul, transpose=transpose, cluster=cluster, cooperative=cooperative,
+                               stages=3 if cooperative else 4)
         text = lower_for_h200(fn, s(8192, 2048), s(2048, 2048), s(8192, 64), sb, s(8192, 2048) if residual else None)
         assert "jaxtune_lora_matmul" in text

@@ -96,7 +96,9 @@ def test_projection_kernel_gives_autodiffs_values_and_gradients(monkeypatch, wit
 def test_mlp_with_the_kernel_on_every_projection_and_the_residual(monkeypatch):
     """The gated MLP where gate, up and down all take the kernel (tokens too few for the joint gate/up
     product): gate/up through `linear`, down_proj inside lora_gated_down's function with the residual
-    in its epilogue; against autodiff of the per-projection XLA form."""
+    in its epilogue; against autodiff of the per-projection XLA form. Every product here takes the
+    kernel's cooperative tiles (the o_proj test's take ping-pong's: K below COOPERATIVE_K)."""
+    monkeypatch.setattr(lora_projection, "COOPERATIVE_K", 1)
     params = _mlp_params(d=256, f=512, r=8)
     x = jax.random.normal(jax.random.key(1), (1, TOKENS, 256))
     h = jax.random.normal(jax.random.key(2), (1, TOKENS, 256))
