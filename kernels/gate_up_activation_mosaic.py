@@ -16,8 +16,8 @@ against 680–718 for cuBLAS's GEMM alone and 866–956 for XLA's form; in the t
 not known yet: neither one wgmma of N = 256 from a contiguous `[W ; sB]` tile (816 µs) nor
 128-row tiles (840 µs) nor more ring stages (5: 861 µs) helped; the tile order did (bands
 of 32 token tiles: 759–772 against 797–802 µs for 16). cuBLAS's kernel there runs 2-CTA clusters
-with one operand multicast; `cluster=2` does the same here (built after the device time ran out:
-correct in interpret mode, lowers for an H200, not yet timed).
+with one operand multicast; `cluster=2` does the same here, and measured slower (805–859 µs against
+786–807 for one CTA, RESULTS, twentieth round).
 
 Schedule: ping-pong. The first version of this kernel (fifteenth round) had both consumer
 warpgroups work on one 128 × 256 tile and store it together, so the tensor cores idled through
@@ -51,7 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxtune.kernels.activation_math import ACTIVATIONS, activation
-from jaxtune.kernels.mosaic_smem import interpret_params, smem_transforms
+from jaxtune.kernels import mosaic_warp_specialized as ws
+from jaxtune.kernels.mosaic_smem import smem_transforms
 
 TILE_M = 64  # token rows per tile (one consumer's wgmma rows)
 TILE_N = 128  # columns of g (and the same of u) per tile, each in an accumulator of its own
@@ -59,8 +60,7 @@ BLOCK_K = 64  # one 128-byte swizzle row of bf16
 ADAPTER_K = 64  # the adapters' K, padded (see the module docstring)
 STORE_N = 64  # columns per output store (a 64 × 64 tile through a consumer's store slots)
 TILE_BAND = 32  # token tiles per band of the tile order (see tile_at; 8 to 64 measured, RESULTS)
-CONSUMERS = 2
-PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
+CONSUMERS = ws.CONSUMERS
 
 
 def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dtype, hidden_act: str,
@@ -96,7 +96,7 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
     in interpret mode, so the CPU tests walk several tiles per program and both consumers).
     `cluster` 2: programs run in pairs (a CTA cluster) on vertically adjacent tiles, each loading half
     of the kernels' tiles and multicasting it to both (cuBLAS's `2x1` kernels do this), so each
-    pair reads them from L2 once; not yet measured."""
+    pair reads them from L2 once (measured slower at the 1B shapes)."""
     t, d = x.shape
     f = w_gate.shape[1]
     r = xa.shape[1]
@@ -111,15 +111,9 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
     dtype = x.dtype
     m_tiles, n_tiles = t // TILE_M, f // TILE_N
     k_steps = d // BLOCK_K + 1  # the frozen kernels' K steps, then the adapters' one
-    if programs is None:
-        programs = 3 if interpret else _sm_count()
-    if programs < 1:
-        raise ValueError(f"gate_up_activation needs at least one program, got programs={programs}")
-    programs = min(programs, m_tiles * n_tiles) // cluster * cluster
-    if programs < 1:
-        raise ValueError(f"gate_up_activation needs at least {cluster} programs with cluster = {cluster}")
+    programs = ws.program_count("gate_up_activation", programs, m_tiles * n_tiles, cluster, interpret)
     cluster_tiles = (m_tiles // cluster) * n_tiles  # what the loop walks: `cluster` tiles stacked along the rows
-    multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
+    multicast = ws.multicast(cluster)
     tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
 
     def jaxtune_gate_up_activation(x_gmem, xa_gmem, wg_gmem, wu_gmem, sb_gmem, gu_gmem, h_gmem):
@@ -138,51 +132,28 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
                 cols = pl.ds(ni * TILE_N, TILE_N)
                 return (pl.ds(mi * TILE_M, TILE_M), cols, pl.ds(g_col, TILE_N), pl.ds(g_col + chunk, TILE_N), cols)
 
-            @pl.when(wg == CONSUMERS)
-            def _producer():
-                plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+            def copies(loop):
+                rows, cols, g_cols, u_cols, _ = tile_at(loop.index[0])
 
-                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
-                def _tile(loop):
-                    rows, cols, g_cols, u_cols, _ = tile_at(loop.index[0])
-                    owner = lax.rem(loop.local_index, CONSUMERS)
+                def frozen(k, slot, barrier):
+                    ks = pl.ds(k * BLOCK_K, BLOCK_K)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(wg_gmem.at[ks, cols], wg_smem.at[slot], barrier, **multicast)
+                    plgpu.copy_gmem_to_smem(wu_gmem.at[ks, cols], wu_smem.at[slot], barrier, **multicast)
 
-                    def load(k, _):
-                        step = loop.local_index * k_steps + k
-                        slot = lax.rem(step, stages)
+                def adapter(slot, barrier):
+                    plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
+                    plgpu.copy_gmem_to_smem(sb_gmem.at[:, g_cols], wg_smem.at[slot], barrier, **multicast)
+                    plgpu.copy_gmem_to_smem(sb_gmem.at[:, u_cols], wu_smem.at[slot], barrier, **multicast)
 
-                        @pl.when(step >= stages)
-                        def _():
-                            plgpu.barrier_wait(consumed.at[slot])
+                return lax.rem(loop.local_index, CONSUMERS), frozen, adapter
 
-                        barrier = filled.at[owner * stages + slot]
-
-                        @pl.when(k < k_steps - 1)
-                        def _():
-                            ks = pl.ds(k * BLOCK_K, BLOCK_K)
-                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(wg_gmem.at[ks, cols], wg_smem.at[slot], barrier, **multicast)
-                            plgpu.copy_gmem_to_smem(wu_gmem.at[ks, cols], wu_smem.at[slot], barrier, **multicast)
-
-                        @pl.when(k == k_steps - 1)
-                        def _():
-                            plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
-                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, g_cols], wg_smem.at[slot], barrier, **multicast)
-                            plgpu.copy_gmem_to_smem(sb_gmem.at[:, u_cols], wu_smem.at[slot], barrier, **multicast)
-
-                    lax.fori_loop(0, k_steps, load, None)
-
-                # Observe the last releases, so that no barrier phase is left pending at exit.
-                total = _local_tiles(cluster_tiles, programs // cluster) * k_steps
-
-                def drain(step, _):
-                    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
-
-                lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+            pl.when(wg == CONSUMERS)(lambda: ws.produce(cluster_tiles, programs // cluster, k_steps, stages, filled,
+                                                        consumed, copies))
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
-                plgpu.set_max_registers(_consumer_registers(), action="increase")
+                plgpu.set_max_registers(ws.consumer_registers(), action="increase")
 
                 @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
@@ -192,22 +163,12 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
                         first = loop.local_index * k_steps
 
                         def accumulate(acc_g, acc_u):
-                            def k_step(k, _):
-                                slot = lax.rem(first + k, stages)
-                                plgpu.barrier_wait(filled.at[wg * stages + slot])
+                            def mma(slot):
                                 plgpu.wgmma(acc_g, x_smem.at[slot], wg_smem.at[slot])
                                 plgpu.wgmma(acc_u, x_smem.at[slot], wu_smem.at[slot])
-                                # Keep this step's products in flight; the previous step's are
-                                # done, so its slot goes back to the producer.
-                                plgpu.wgmma_wait(2)
+                                return 2
 
-                                @pl.when(k > 0)
-                                def _():
-                                    plgpu.barrier_arrive(consumed.at[lax.rem(first + k - 1, stages)])
-
-                            lax.fori_loop(0, k_steps, k_step, None)
-                            plgpu.wgmma_wait(0)
-                            plgpu.barrier_arrive(consumed.at[lax.rem(first + k_steps - 1, stages)])
+                            ws.consume(first, k_steps, stages, lambda slot: filled.at[wg * stages + slot], consumed, mma)
                             return acc_g[...].astype(dtype), acc_u[...].astype(dtype)
 
                         g, u = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32),
@@ -244,33 +205,6 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
             collective_axes="wg",
         )
 
-    kernel = plgpu.kernel(
-        jaxtune_gate_up_activation,  # named after what it is, for compiler dumps and profiles
-        out_type=(jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype)),
-        grid=(programs // cluster,),
-        grid_names=("program",),
-        **({"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params() if interpret else None,
-    )
+    kernel = ws.kernel(jaxtune_gate_up_activation, (jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype)), programs, cluster, interpret)
     return kernel(x, xa, w_gate, w_up, sb)
 
-
-def _local_tiles(tiles: int, programs: int):
-    """How many of `tiles` this program walks (nd_loop deals them out round-robin)."""
-    program = lax.axis_index("program")
-    return tiles // programs + (program < tiles % programs).astype(jnp.int32)
-
-
-def _consumer_registers() -> int:
-    """Registers per consumer thread: the SM's 64k over four warpgroups' worth of 128 threads each,
-    less the producer's, shared by the consumers (a multiple of 8, at most 256)."""
-    return min(256, (512 - PRODUCER_REGISTERS) // CONSUMERS) // 8 * 8
-
-
-def _sm_count() -> int:
-    """SMs of the device the kernel is traced for (an abstract one when lowered ahead of time)."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device.num_cores if device is not None else jax.devices()[0].core_count

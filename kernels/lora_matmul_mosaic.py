@@ -12,12 +12,19 @@ The same kernel serves the backward's input gradient: with `transpose=True` it c
 `x@Wᵀ + xa@sBᵀ` from W `[N, K]` and sB `[N, r]` as stored (for a projection `y = x@W + (x@A)@sB'`
 that is `dx = dy@Wᵀ + dxa@Aᵀ` with `dxa = dy@sB'ᵀ`: W and A exactly as the parameters hold them).
 
-Schedule: `kernels/gate_up_activation_mosaic.py`'s ping-pong (its docstring says why): two consumer
-warpgroups each own whole 64 × 256 tiles and take the program's tiles in turn, one producer streams
-every K step of every tile through one ring of SMEM slots, so one consumer's epilogue runs under the
-other's main loop. Each consumer has a `[64, 256]` staging buffer (four 64 × 64 swizzled tiles); with
-a residual it loads the tile's residual there when its main loop starts, adds it in float32 in the
-epilogue, and stores the sum from the same buffer.
+Two schedules, one producer warpgroup streaming every K step of every tile through one ring of SMEM
+slots to two consumer warpgroups (kernels/mosaic_warp_specialized.py):
+- ping-pong (`kernels/gate_up_activation_mosaic.py`'s, its docstring says why): each consumer owns
+  whole 64 × 256 tiles and they take the program's tiles in turn, so one's epilogue runs under the
+  other's main loop; 4 stages;
+- cooperative: both consumers on every 128 × 256 tile, 64 rows each, sharing its W tile: half the
+  SMEM (and L2) traffic per product, which is what held ping-pong's main loop 8–14% behind cuBLAS
+  at long K; 3 stages fit. Measured on an H200 at the 1B step's shapes (RESULTS, twentieth round):
+  down_proj's forward (K 8192) 373 µs against ping-pong's 398, XLA's form 394, cuBLAS's GEMM alone
+  345–353; q/k/v and o_proj's backward 2–7 µs faster than ping-pong, o_proj's forward 2 µs slower.
+Each consumer has a `[64, 256]` staging buffer (four 64 × 64 swizzled tiles); with a residual it
+loads the tile's residual there when its main loop starts, adds it in float32 in the epilogue, and
+stores the sum from the same buffer.
 
 The adapters' K is padded to 64 (`ADAPTER_K`, see gate_up_activation_mosaic's docstring: wgmma's A
 operand lowers here only with 128-byte swizzled rows); the zero rows or columns add nothing.
@@ -33,7 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxtune.kernels.mosaic_smem import interpret_params, smem_transforms
+from jaxtune.kernels import mosaic_warp_specialized as ws
+from jaxtune.kernels.mosaic_smem import smem_transforms
 
 TILE_M = 64  # token rows per tile (one consumer's wgmma rows)
 TILE_N = 256  # output columns per tile: one 64 × 256 float32 accumulator, 128 registers a thread
@@ -43,8 +51,7 @@ STORE_N = 64  # columns per output store (the staging buffer is TILE_N // STORE_
 # Token rows per band of the tile order: 2048 measured best for both tilings at the 1B step's
 # shapes (32 ping-pong tiles, as gate_up_activation_mosaic's; 16 cooperative ones), RESULTS.
 BAND_ROWS = 2048
-CONSUMERS = 2
-PRODUCER_REGISTERS = 40  # the producer only issues copies; the rest go to the consumers
+CONSUMERS = ws.CONSUMERS
 
 
 def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 1,
@@ -100,15 +107,9 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
     tile_m = TILE_M * (CONSUMERS if cooperative else 1)  # rows per tile
     m_tiles, n_tiles = t // tile_m, n // TILE_N
     k_steps = k // BLOCK_K + 1  # the frozen kernel's K steps, then the adapters' one
-    if programs is None:
-        programs = 3 if interpret else _sm_count()
-    if programs < 1:
-        raise ValueError(f"lora_matmul needs at least one program, got programs={programs}")
-    programs = min(programs, m_tiles * n_tiles) // cluster * cluster
-    if programs < 1:
-        raise ValueError(f"lora_matmul needs at least {cluster} programs with cluster = {cluster}")
+    programs = ws.program_count("lora_matmul", programs, m_tiles * n_tiles, cluster, interpret)
     cluster_tiles = (m_tiles // cluster) * n_tiles
-    multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
+    multicast = ws.multicast(cluster)
     tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
     chunks = TILE_N // STORE_N
     with_residual = residual is not None
@@ -130,51 +131,28 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                     mi = mi * cluster + lax.axis_index("cluster")
                 return pl.ds(mi * tile_m, tile_m), pl.ds(ni * TILE_N, TILE_N)
 
-            @pl.when(wg == CONSUMERS)
-            def _producer():
-                plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+            def copies(loop):
+                rows, cols = tile_at(loop.index[0])
 
-                @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
-                def _tile(loop):
-                    rows, cols = tile_at(loop.index[0])
-                    owner = 0 if cooperative else lax.rem(loop.local_index, CONSUMERS)
+                def frozen(k, slot, barrier):
+                    ks = pl.ds(k * BLOCK_K, BLOCK_K)
+                    plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
+                    src = w_gmem.at[cols, ks] if transpose else w_gmem.at[ks, cols]
+                    plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
 
-                    def load(step_k, _):
-                        step = loop.local_index * k_steps + step_k
-                        slot = lax.rem(step, stages)
+                def adapter(slot, barrier):
+                    plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
+                    src = sb_gmem.at[cols, :] if transpose else sb_gmem.at[:, cols]
+                    plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
 
-                        @pl.when(step >= stages)
-                        def _():
-                            plgpu.barrier_wait(consumed.at[slot])
+                return 0 if cooperative else lax.rem(loop.local_index, CONSUMERS), frozen, adapter
 
-                        barrier = filled.at[owner * stages + slot]
-
-                        @pl.when(step_k < k_steps - 1)
-                        def _():
-                            ks = pl.ds(step_k * BLOCK_K, BLOCK_K)
-                            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_smem.at[slot], barrier)
-                            src = w_gmem.at[cols, ks] if transpose else w_gmem.at[ks, cols]
-                            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
-
-                        @pl.when(step_k == k_steps - 1)
-                        def _():
-                            plgpu.copy_gmem_to_smem(xa_gmem.at[rows, :], x_smem.at[slot], barrier)
-                            src = sb_gmem.at[cols, :] if transpose else sb_gmem.at[:, cols]
-                            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], barrier, **multicast)
-
-                    lax.fori_loop(0, k_steps, load, None)
-
-                # Observe the last releases, so that no barrier phase is left pending at exit.
-                total = _local_tiles(cluster_tiles, programs // cluster) * k_steps
-
-                def drain(step, _):
-                    plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
-
-                lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+            pl.when(wg == CONSUMERS)(lambda: ws.produce(cluster_tiles, programs // cluster, k_steps, stages, filled,
+                                                        consumed, copies))
 
             @pl.when(wg < CONSUMERS)
             def _consumer():
-                plgpu.set_max_registers(_consumer_registers(), action="increase")
+                plgpu.set_max_registers(ws.consumer_registers(), action="increase")
                 staging = out_smem.at[wg]
 
                 @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
@@ -194,23 +172,15 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                         first = loop.local_index * k_steps
 
                         def accumulate(acc):
-                            def k_step(step_k, _):
-                                slot = lax.rem(first + step_k, stages)
-                                plgpu.barrier_wait(filled.at[(0 if cooperative else wg) * stages + slot])
+                            def mma(slot):
                                 w_view = w_smem.at[slot]
                                 x_view = x_smem.at[slot].at[pl.ds(wg * TILE_M, TILE_M)] if cooperative else x_smem.at[slot]
                                 plgpu.wgmma(acc, x_view, w_view.transpose((1, 0)) if transpose else w_view)
-                                # Keep this step's product in flight; the previous step's is done,
-                                # so its slot goes back to the producer.
-                                plgpu.wgmma_wait(1)
+                                return 1
 
-                                @pl.when(step_k > 0)
-                                def _():
-                                    plgpu.barrier_arrive(consumed.at[lax.rem(first + step_k - 1, stages)])
-
-                            lax.fori_loop(0, k_steps, k_step, None)
-                            plgpu.wgmma_wait(0)
-                            plgpu.barrier_arrive(consumed.at[lax.rem(first + k_steps - 1, stages)])
+                            owner = 0 if cooperative else wg
+                            ws.consume(first, k_steps, stages, lambda slot: filled.at[owner * stages + slot], consumed,
+                                       mma)
                             return acc[...]
 
                         acc = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32))
@@ -247,33 +217,6 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
             collective_axes="wg",
         )
 
-    kernel = plgpu.kernel(
-        jaxtune_lora_matmul,  # named after what it is, for compiler dumps and profiles
-        out_type=jax.ShapeDtypeStruct((t, n), dtype),
-        grid=(programs // cluster,),
-        grid_names=("program",),
-        **({"cluster": (cluster,), "cluster_names": ("cluster",)} if cluster > 1 else {}),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params() if interpret else None,
-    )
+    kernel = ws.kernel(jaxtune_lora_matmul, jax.ShapeDtypeStruct((t, n), dtype), programs, cluster, interpret)
     return kernel(x, w, xa, sb, *(() if residual is None else (residual,)))
 
-
-def _local_tiles(tiles: int, programs: int):
-    """How many of `tiles` this program walks (nd_loop deals them out round-robin)."""
-    program = lax.axis_index("program")
-    return tiles // programs + (program < tiles % programs).astype(jnp.int32)
-
-
-def _consumer_registers() -> int:
-    """Registers per consumer thread: the SM's 64k over four warpgroups' worth of 128 threads each,
-    less the producer's, shared by the consumers (a multiple of 8, at most 256)."""
-    return min(256, (512 - PRODUCER_REGISTERS) // CONSUMERS) // 8 * 8
-
-
-def _sm_count() -> int:
-    """SMs of the device the kernel is traced for (an abstract one when lowered ahead of time)."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device.num_cores if device is not None else jax.devices()[0].core_count
