@@ -95,7 +95,8 @@ def _primal(arg):
 
 def _fwd(hidden_act, g, u, w_down, a_down, sb_down, residual):
     y, (h, ha) = _forward(hidden_act, g.value, u.value, w_down.value, a_down.value, sb_down.value, _primal(residual))
-    return y, (g.value, u.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed, residual is not None)
+    return y, (g.value, u.value, h, ha, w_down.value, a_down.value, sb_down.value, w_down.perturbed,
+               residual is not None)
 
 
 def _bwd(hidden_act, res, dy):

@@ -52,9 +52,7 @@ def takes(tokens: int, in_features: int, out_features: int, rank: int, dtype) ->
 def projection(x, a, w, sb, residual=None):
     """`residual + x@W + (x@A)@sB` for x `[T, in]`, A `[in, r]`, W `[in, out]`, sB `[r, out]` (s·B),
     residual `[T, out]` or None; one dtype throughout (float32 accumulation), the result in it."""
-    if residual is None:
-        return _projection(x, a, w, sb)
-    return _projection_with_residual(x, a, w, sb, residual)
+    return _projection(x, a, w, sb, residual)
 
 
 def kernel_product(x, xa, w, sb, residual=None, *, transpose: bool = False):
@@ -92,37 +90,21 @@ def _input_grads(x, a, w, sb, xa, dy, want_dw):
 
 
 @jax.custom_vjp
-def _projection(x, a, w, sb):
-    return _forward(x, a, w, sb, None)[0]
-
-
-def _fwd(x, a, w, sb):
-    out, xa = _forward(x.value, a.value, w.value, sb.value, None)
-    return out, (x.value, a.value, w.value, sb.value, xa, w.perturbed)
-
-
-def _bwd(res, dy):
-    return _input_grads(*res[:5], dy, res[5])
-
-
-_projection.defvjp(_fwd, _bwd, symbolic_zeros=True)
-
-
-@jax.custom_vjp
-def _projection_with_residual(x, a, w, sb, residual):
+def _projection(x, a, w, sb, residual):
     return _forward(x, a, w, sb, residual)[0]
 
 
-def _fwd_residual(x, a, w, sb, residual):
-    out, xa = _forward(x.value, a.value, w.value, sb.value, residual.value)
-    return out, (x.value, a.value, w.value, sb.value, xa, w.perturbed)
+def _fwd(x, a, w, sb, residual):
+    out, xa = _forward(x.value, a.value, w.value, sb.value, None if residual is None else residual.value)
+    return out, (x.value, a.value, w.value, sb.value, xa, w.perturbed, residual is not None)
 
 
-def _bwd_residual(res, dy):
-    return (*_input_grads(*res[:5], dy, res[5]), dy)
+def _bwd(res, dy):
+    *inputs, want_dw, has_residual = res
+    return (*_input_grads(*inputs, dy, want_dw), dy if has_residual else None)
 
 
-_projection_with_residual.defvjp(_fwd_residual, _bwd_residual, symbolic_zeros=True)
+_projection.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def flat_shapes(x_shape: tuple[int, ...], w_shape: tuple[int, ...], in_ndim: int) -> tuple[int, int, int]:

@@ -168,7 +168,8 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
                                 plgpu.wgmma(acc_u, x_smem.at[slot], wu_smem.at[slot])
                                 return 2
 
-                            ws.consume(first, k_steps, stages, lambda slot: filled.at[wg * stages + slot], consumed, mma)
+                            ws.consume(first, k_steps, stages, lambda slot: filled.at[wg * stages + slot], consumed,
+                                       mma)
                             return acc_g[...].astype(dtype), acc_u[...].astype(dtype)
 
                         g, u = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32),

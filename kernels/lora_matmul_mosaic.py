@@ -173,8 +173,9 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
 
                         def accumulate(acc):
                             def mma(slot):
-                                w_view = w_smem.at[slot]
-                                x_view = x_smem.at[slot].at[pl.ds(wg * TILE_M, TILE_M)] if cooperative else x_smem.at[slot]
+                                x_view, w_view = x_smem.at[slot], w_smem.at[slot]
+                                if cooperative:  # this consumer's 64 rows of the 128
+                                    x_view = x_view.at[pl.ds(wg * TILE_M, TILE_M)]
                                 plgpu.wgmma(acc, x_view, w_view.transpose((1, 0)) if transpose else w_view)
                                 return 1
 
