@@ -171,15 +171,12 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         from jaxtune.model import norm
 
         norm.KERNELS = knobs.norm_kernels
-    if knobs.lora_kernel or knobs.lora_cluster:
+    if knobs.lora_kernel or knobs.lora_cluster or knobs.lora_cooperative_k:
         from jaxtune import lora_projection
 
         lora_projection.KERNEL = knobs.lora_kernel or lora_projection.KERNEL
         lora_projection.CLUSTER = knobs.lora_cluster or lora_projection.CLUSTER
-    if knobs.lora_cooperative_k:
-        from jaxtune import lora_projection
-
-        lora_projection.COOPERATIVE_K = knobs.lora_cooperative_k
+        lora_projection.COOPERATIVE_K = knobs.lora_cooperative_k or lora_projection.COOPERATIVE_K
     if knobs.gate_up_kernel == "off":
         from jaxtune import lora_gate_up
 

@@ -68,19 +68,13 @@ def supports(tokens: int, hidden: int, mlp: int, chunk: int, adapter_k: int, dty
     """None where the kernel takes these shapes (`chunk`: columns of g, then of u, per chunk of the
     joint layout; `adapter_k`: xa's width, both adapters' ranks with padding; `cluster`: CTAs per
     cluster), else why not (one line)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
     if hidden_act not in ACTIVATIONS:
         return f"activation {hidden_act!r} (one of {ACTIVATIONS})"
-    for name, size, step in (("tokens", tokens, TILE_M), ("hidden", hidden, BLOCK_K), ("chunk", chunk, TILE_N),
-                             ("mlp", mlp, chunk)):
-        if size % step:
-            return f"{name} = {size} is not a multiple of {step}"
     if adapter_k != ADAPTER_K:
-        return f"adapter K = {adapter_k}: the kernel takes one K step of {ADAPTER_K} (ranks up to {ADAPTER_K // 2} each)"
-    if cluster not in (1, 2) or (tokens // TILE_M) % cluster:
-        return f"cluster = {cluster} (1, or 2 with an even number of {TILE_M}-row tiles)"
-    return None
+        return (f"adapter K = {adapter_k}: the kernel takes one K step of {ADAPTER_K} "
+                f"(ranks up to {ADAPTER_K // 2} each)")
+    multiples = (("tokens", tokens, TILE_M), ("hidden", hidden, BLOCK_K), ("chunk", chunk, TILE_N), ("mlp", mlp, chunk))
+    return ws.shape_problem(dtype, multiples, tokens // TILE_M, cluster)
 
 
 @functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "store_slots", "cluster", "programs",
@@ -206,6 +200,7 @@ def gate_up_activation(x, xa, w_gate, w_up, sb, *, hidden_act: str, chunk: int, 
             collective_axes="wg",
         )
 
-    kernel = ws.kernel(jaxtune_gate_up_activation, (jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype)), programs, cluster, interpret)
+    out_type = (jax.ShapeDtypeStruct((t, 2 * f), dtype), jax.ShapeDtypeStruct((t, f), dtype))
+    kernel = ws.kernel(jaxtune_gate_up_activation, out_type, programs, cluster, interpret)
     return kernel(x, xa, w_gate, w_up, sb)
 

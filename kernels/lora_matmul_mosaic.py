@@ -59,19 +59,13 @@ def supports(tokens: int, k: int, n: int, adapter_k: int, dtype, cluster: int = 
     """None where the kernel takes `[tokens, k] @ [k, n]` with adapters of K `adapter_k` (padded) in
     `dtype` over CTA clusters of `cluster` (`cooperative`: see `lora_matmul`), else why not (one
     line)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
     if cooperative and cluster != 1:
         return f"cluster = {cluster} with cooperative tiles (1 only)"
-    tile_m = TILE_M * (CONSUMERS if cooperative else 1)
-    for name, size, step in (("tokens", tokens, tile_m), ("K", k, BLOCK_K), ("N", n, TILE_N)):
-        if size % step:
-            return f"{name} = {size} is not a multiple of {step}"
     if adapter_k != ADAPTER_K:
         return f"adapter K = {adapter_k}: the kernel takes one K step of {ADAPTER_K} (ranks up to {ADAPTER_K})"
-    if cluster not in (1, 2) or (tokens // TILE_M) % cluster:
-        return f"cluster = {cluster} (1, or 2 with an even number of {TILE_M}-row tiles)"
-    return None
+    tile_m = TILE_M * (CONSUMERS if cooperative else 1)
+    multiples = (("tokens", tokens, tile_m), ("K", k, BLOCK_K), ("N", n, TILE_N))
+    return ws.shape_problem(dtype, multiples, tokens // TILE_M, cluster)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "stages", "cluster", "cooperative", "programs",

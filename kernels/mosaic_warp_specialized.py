@@ -33,6 +33,20 @@ def program_count(name: str, programs: int | None, tiles: int, cluster: int, int
     return programs
 
 
+def shape_problem(dtype, multiples, row_tiles: int, cluster: int) -> str | None:
+    """The shape rules every such kernel has, or the first one broken (one line): a 2-byte float
+    `dtype`, each `(name, size, step)` of `multiples` a whole number of steps, `cluster` 1 or 2
+    with the `row_tiles` 64-row token tiles pairing up."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype).name} (bf16 or fp16 only)"
+    for name, size, step in multiples:
+        if size % step:
+            return f"{name} = {size} is not a multiple of {step}"
+    if cluster not in (1, 2) or row_tiles % cluster:
+        return f"cluster = {cluster} (1, or 2 with an even number of 64-row tiles)"
+    return None
+
+
 def multicast(cluster: int) -> dict:
     """`copy_gmem_to_smem`'s arguments that split a copy over a cluster's programs and multicast it
     to all of them (none without a cluster)."""
