@@ -83,6 +83,8 @@ class JaxtuneKnobs:
     # through one Hopper kernel: "auto" or "off"; None: the trainer's (jaxtune/lora_projection.py KERNEL)
     lora_cluster: int | None = None  # that kernel's CTAs per cluster (None: jaxtune/lora_projection.py CLUSTER)
     lora_cooperative_k: int | None = None  # that kernel's cooperative tiles from this K (None: lora_projection.py's)
+    activation_grad_kernel: str | None = None  # down_proj's backward and the activation's in that kernel: "on" or
+    # "off"; None: the trainer's (jaxtune/lora_projection.py ACTIVATION_GRAD)
     norm_kernels: str | None = None  # the residual stream's norms: "auto" (our kernels on a GPU) or "off"
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
@@ -100,6 +102,7 @@ class JaxtuneKnobs:
                 + (["--lora-kernel", self.lora_kernel] if self.lora_kernel else [])
                 + (["--lora-cluster", str(self.lora_cluster)] if self.lora_cluster else [])
                 + (["--lora-cooperative-k", str(self.lora_cooperative_k)] if self.lora_cooperative_k else [])
+                + (["--activation-grad-kernel", self.activation_grad_kernel] if self.activation_grad_kernel else [])
                 + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
 
 
@@ -171,12 +174,14 @@ def plan_jaxtune(case: Case, shape: dict, steps: int, mesh_sizes: dict, knobs: J
         from jaxtune.model import norm
 
         norm.KERNELS = knobs.norm_kernels
-    if knobs.lora_kernel or knobs.lora_cluster or knobs.lora_cooperative_k:
+    if knobs.lora_kernel or knobs.lora_cluster or knobs.lora_cooperative_k or knobs.activation_grad_kernel:
         from jaxtune import lora_projection
 
         lora_projection.KERNEL = knobs.lora_kernel or lora_projection.KERNEL
         lora_projection.CLUSTER = knobs.lora_cluster or lora_projection.CLUSTER
         lora_projection.COOPERATIVE_K = knobs.lora_cooperative_k or lora_projection.COOPERATIVE_K
+        if knobs.activation_grad_kernel:
+            lora_projection.ACTIVATION_GRAD = knobs.activation_grad_kernel == "on"
     if knobs.gate_up_kernel == "off":
         from jaxtune import lora_gate_up
 
@@ -535,6 +540,10 @@ def main() -> None:
     parser.add_argument("--lora-cooperative-k", type=int, default=None,
                         help="jaxtune: that kernel's products with K at least this take cooperative 128-row tiles; "
                              "default: jaxtune/lora_projection.py COOPERATIVE_K")
+    parser.add_argument("--activation-grad-kernel", choices=("on", "off"), default=None,
+                        help="jaxtune: where that kernel runs, down_proj's backward and the gated activation's "
+                             "backward in it (on) or cuBLAS and the activation's own kernel (off); default: "
+                             "the trainer's (jaxtune/lora_projection.py ACTIVATION_GRAD, on)")
     parser.add_argument("--norm-kernels", choices=("auto", "off"), default=None,
                         help="jaxtune: the residual stream's RMSNorms through our Pallas kernels on a GPU (auto) "
                              "or as XLA's fusions of the plain form (off); default: the trainer's "
@@ -557,6 +566,7 @@ def main() -> None:
                          joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
                          lora_kernel=args.lora_kernel, lora_cluster=args.lora_cluster,
                          lora_cooperative_k=args.lora_cooperative_k,
+                         activation_grad_kernel=args.activation_grad_kernel,
                          norm_kernels=args.norm_kernels)
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.kernels import lora_matmul_mosaic as kernel
+from jaxtune.kernels.activation_math import ACTIVATIONS
 from jaxtune.kernels.mosaic_smem import on_hopper
 from jaxtune.sharding import active_mesh
 
@@ -35,6 +36,11 @@ CLUSTER = 1  # CTAs per cluster (the kernel's `cluster`)
 # shapes (RESULTS, twentieth round): cooperative faster for down_proj (K 8192: 373 against 398 µs),
 # q/k/v and o_proj's backward, level for o_proj's forward (K 2048: 111 against 109).
 COOPERATIVE_K: int | None = 2048
+# A gated MLP's down_proj backward and the activation's backward as one kernel
+# (`activation_grad_product`; lora_gated_down's joint backward takes it where
+# `takes_activation_grad`): dh = dy@Wdᵀ + dha@Adᵀ stays in the accumulator, never written and read
+# back. False: cuBLAS for dy@Wdᵀ, then the activation's backward kernel.
+ACTIVATION_GRAD = True
 
 
 def takes(tokens: int, in_features: int, out_features: int, rank: int, dtype) -> bool:
@@ -61,11 +67,39 @@ def kernel_product(x, xa, w, sb, residual=None, *, transpose: bool = False):
     VJPs that call it (here, and lora_gated_down's down_proj). Check `takes` first."""
     t, k = x.shape
     n = w.shape[0] if transpose else w.shape[1]
-    cooperative = (COOPERATIVE_K is not None and k >= COOPERATIVE_K
-                   and kernel.supports(t, k, n, kernel.ADAPTER_K, x.dtype, cooperative=True) is None)
     return kernel.lora_matmul(x, w, _pad_k(xa, 1), _pad_k(sb, 1 if transpose else 0), residual, transpose=transpose,
-                              cluster=1 if cooperative else CLUSTER, cooperative=cooperative,
-                              stages=3 if cooperative else 4, interpret=KERNEL == "interpret")
+                              **_tiling(t, k, n, x.dtype))
+
+
+def takes_activation_grad(tokens: int, mlp: int, hidden: int, rank: int, chunk: int, dtype, hidden_act: str) -> bool:
+    """Whether `activation_grad_product` runs for a LoRA down_proj `[tokens, mlp] @ [mlp, hidden]` of
+    `rank` after a gated activation whose gate and up are held in chunks of `chunk` columns."""
+    return (ACTIVATION_GRAD and hidden_act in ACTIVATIONS and chunk % kernel.STORE_N == 0 and mlp % chunk == 0
+            and takes(tokens, mlp, hidden, rank, dtype))  # takes' shape rules hold for ping-pong's tiles
+
+
+def activation_grad_product(dy, dha, w, a, gate_up, *, hidden_act: str, chunk: int):
+    """gate_up's gradient `[T, 2F]` (the joint layout, chunks of `chunk`) through `h = act(g)·u` and a
+    LoRA down_proj, from dy `[T, D]`, dha = dy@sBᵀ `[T, r]`, W `[F, D]` and A `[F, r]` as stored: the
+    kernel's `lora_matmul_activation_grad`, dh = dy@Wᵀ + dha@Aᵀ kept in its accumulator. Not
+    differentiable (lora_gated_down's backward calls it). Check `takes_activation_grad` first.
+
+    Always ping-pong tiles, whatever K: the epilogue (g and u read, dg and du written) is heavy, and
+    ping-pong runs it under the other consumer's main loop. On an H200 at the 1B step's shapes
+    (RESULTS, twenty-first round): 467 µs against cooperative tiles' 489 and cuBLAS's dy@Wᵀ plus
+    the activation's backward kernel's 523–538."""
+    return kernel.lora_matmul_activation_grad(dy, w, _pad_k(dha, 1), _pad_k(a, 1), gate_up, hidden_act=hidden_act,
+                                              chunk=chunk, cooperative=False, stages=4,
+                                              interpret=KERNEL == "interpret")
+
+
+def _tiling(t: int, k: int, n: int, dtype) -> dict:
+    """The kernel's tiling arguments for `[t, k] @ [k, n]`: cooperative tiles (3 stages) from
+    COOPERATIVE_K on, else ping-pong's (4 stages, CLUSTER)."""
+    cooperative = (COOPERATIVE_K is not None and k >= COOPERATIVE_K
+                   and kernel.supports(t, k, n, kernel.ADAPTER_K, dtype, cooperative=True) is None)
+    return {"cooperative": cooperative, "stages": 3 if cooperative else 4, "cluster": 1 if cooperative else CLUSTER,
+            "interpret": KERNEL == "interpret"}
 
 
 def _pad_k(array, axis: int):

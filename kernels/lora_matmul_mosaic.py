@@ -26,6 +26,14 @@ Each consumer has a `[64, 256]` staging buffer (four 64 × 64 swizzled tiles); w
 loads the tile's residual there when its main loop starts, adds it in float32 in the epilogue, and
 stores the sum from the same buffer.
 
+`lora_matmul_activation_grad` is the transposed product with another epilogue: a gated MLP's
+down_proj backward `dh = dy@Wdᵀ + dha@Adᵀ` followed by the activation's backward, `dg = dh·u·act'(g)`,
+`du = dh·act(g)`, g and u read from (dg and du written to) the joint gate/up layout through the
+staging buffer, two g/u chunk pairs at a time. Where cuBLAS wrote dh `[T, F]` and the activation's
+backward kernel read it back (kernels/lora_activation_grad.py), dh stays in the accumulator: at the
+1B step's shapes on an H200 467 µs against 523–538, +1.0–1.1% on the step (RESULTS, twenty-first
+round), with ping-pong tiles (cooperative ones: 489 µs, the epilogue no longer hidden).
+
 The adapters' K is padded to 64 (`ADAPTER_K`, see gate_up_activation_mosaic's docstring: wgmma's A
 operand lowers here only with 128-byte swizzled rows); the zero rows or columns add nothing.
 """
@@ -41,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxtune.kernels import mosaic_warp_specialized as ws
+from jaxtune.kernels.activation_math import ACTIVATIONS, activation_and_grad
 from jaxtune.kernels.mosaic_smem import smem_transforms
 
 TILE_M = 64  # token rows per tile (one consumer's wgmma rows)
@@ -81,38 +90,70 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
     `cooperative`: both consumers work on every tile, 128 rows × 256 columns, 64 rows each, sharing
     its W tile (half the SMEM traffic per product of ping-pong's tiles, for long K where the
     epilogue's share is small; 3 stages fit: pass stages=3)."""
+    n = w.shape[0] if transpose else w.shape[1]
+    extra = {} if residual is None else {"residual": (residual, (x.shape[0], n))}
+    return _call(x, w, xa, sb, extra, None, transpose=transpose, stages=stages, cluster=cluster,
+                 cooperative=cooperative, programs=programs, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "cooperative", "programs", "interpret"))
+def lora_matmul_activation_grad(x, w, xa, sb, gate_up, *, hidden_act: str, chunk: int, stages: int = 3,
+                                cooperative: bool = True, programs: int | None = None, interpret: bool = False):
+    """A gated MLP's gate/up gradient through its LoRA down_proj's backward, in one pass:
+    `dh = x@Wᵀ + xa@sBᵀ` (x = dy `[T, D]`, W = W_down `[F, D]`, xa = dy@sB_downᵀ `[T, ADAPTER_K]`,
+    sB = A_down `[F, ADAPTER_K]`, both zero-padded), then for `h = act(g)·u`: `dg = dh·u·act'(g)`,
+    `du = dh·act(g)`, with g and u read from `gate_up` `[T, 2F]` in the joint layout (chunk j's
+    `chunk` gate columns, then its `chunk` up columns; `lora_gated_down.JOINT` flattened) and the
+    result written in that layout. dh stays in the float32 accumulator (never rounded, never
+    written); the activation's arithmetic is float32 from the rounded g and u, one rounding at the
+    end. See `lora_matmul` for the tiling arguments (3 stages fit the cooperative tiles)."""
+    f = w.shape[0]
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(f"lora_matmul_activation_grad: activation {hidden_act!r} (one of {ACTIVATIONS})")
+    if chunk % STORE_N or f % chunk:
+        raise ValueError(f"lora_matmul_activation_grad: chunk = {chunk} must be a multiple of {STORE_N} "
+                         f"dividing F = {f}")
+    extra = {"gate_up": (gate_up, (x.shape[0], 2 * f))}
+    return _call(x, w, xa, sb, extra, (hidden_act, chunk), transpose=True, stages=stages, cluster=1,
+                 cooperative=cooperative, programs=programs, interpret=interpret)
+
+
+def _call(x, w, xa, sb, extra, gated, *, transpose, stages, cluster, cooperative, programs, interpret):
+    """The kernel: `extra` holds the epilogue's input by name (`residual` or `gate_up`) with its
+    expected shape; `gated` is None (the product, plus the residual if given) or `(hidden_act,
+    chunk)` (`lora_matmul_activation_grad`'s epilogue)."""
+    name = "lora_matmul_activation_grad" if gated else "lora_matmul"
     t, k = x.shape
     n = w.shape[0] if transpose else w.shape[1]
     r = xa.shape[1]
     why = supports(t, k, n, r, x.dtype, cluster, cooperative)
     if why is not None:
-        raise ValueError(f"lora_matmul does not take these shapes: {why}")
+        raise ValueError(f"{name} does not take these shapes: {why}")
     want = {"w": (n, k) if transpose else (k, n), "sb": (n, r) if transpose else (r, n), "xa": (t, r)}
     got = {"w": w.shape, "sb": sb.shape, "xa": xa.shape}
-    if residual is not None:
-        want["residual"], got["residual"] = (t, n), residual.shape
-    for name in want:
-        if tuple(got[name]) != want[name]:
-            raise ValueError(f"lora_matmul: {name} has shape {tuple(got[name])}, expected {want[name]} "
+    for key, (array, shape) in extra.items():
+        want[key], got[key] = shape, array.shape
+    for key in want:
+        if tuple(got[key]) != want[key]:
+            raise ValueError(f"{name}: {key} has shape {tuple(got[key])}, expected {want[key]} "
                              f"(x {tuple(x.shape)}, transpose={transpose})")
     if stages < 2:
-        raise ValueError(f"lora_matmul needs at least two stages, got {stages=}")
+        raise ValueError(f"{name} needs at least two stages, got {stages=}")
     dtype = x.dtype
     tile_m = TILE_M * (CONSUMERS if cooperative else 1)  # rows per tile
     m_tiles, n_tiles = t // tile_m, n // TILE_N
     k_steps = k // BLOCK_K + 1  # the frozen kernel's K steps, then the adapters' one
-    programs = ws.program_count("lora_matmul", programs, m_tiles * n_tiles, cluster, interpret)
+    programs = ws.program_count(name, programs, m_tiles * n_tiles, cluster, interpret)
     cluster_tiles = (m_tiles // cluster) * n_tiles
     multicast = ws.multicast(cluster)
     tf = smem_transforms(dtype, BLOCK_K)  # every SMEM tile here has 64 minor elements
     chunks = TILE_N // STORE_N
-    with_residual = residual is not None
     w_tile = (TILE_N, BLOCK_K) if transpose else (BLOCK_K, TILE_N)
 
     def jaxtune_lora_matmul(x_gmem, w_gmem, xa_gmem, sb_gmem, *refs):
-        res_gmem, out_gmem = refs if with_residual else (None, refs[0])
+        epilogue_gmem, out_gmem = refs if extra else (None, refs[0])
 
-        def scope(x_smem, w_smem, out_smem, filled, consumed, res_ready):
+        def scope(x_smem, w_smem, out_smem, filled, consumed, staged):
             wg = lax.axis_index("wg")  # 0, 1: consumers; 2: the producer
 
             def tile_at(linear):
@@ -148,6 +189,8 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
             def _consumer():
                 plgpu.set_max_registers(ws.consumer_registers(), action="increase")
                 staging = out_smem.at[wg]
+                epilogue = (_GatedGradEpilogue(gated, staging, staged, wg, epilogue_gmem, out_gmem, dtype) if gated
+                            else _SumEpilogue(staging, staged.at[wg], epilogue_gmem, out_gmem, dtype))
 
                 @plgpu.nd_loop((cluster_tiles,), collective_axes="program")
                 def _tile(loop):
@@ -159,10 +202,7 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                         # The previous tile's stores have read the staging buffer (ping-pong: they
                         # were issued a whole main loop of the other consumer ago).
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        if with_residual:  # lands during the main loop
-                            for i in range(chunks):
-                                plgpu.copy_gmem_to_smem(res_gmem.at[rows, pl.ds(cols.start + i * STORE_N, STORE_N)],
-                                                        staging.at[i], res_ready.at[wg])
+                        epilogue.prefetch(rows, cols)  # lands during the main loop
                         first = loop.local_index * k_steps
 
                         def accumulate(acc):
@@ -178,17 +218,8 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
                                        mma)
                             return acc[...]
 
-                        acc = pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32))
-                        if with_residual:
-                            plgpu.barrier_wait(res_ready.at[wg])
-                        for i in range(chunks):
-                            value = acc[:, i * STORE_N:(i + 1) * STORE_N]
-                            if with_residual:
-                                value = value + staging.at[i][...].astype(jnp.float32)
-                            staging.at[i][...] = value.astype(dtype)
-                            plgpu.commit_smem()  # the registers' writes land before TMA reads SMEM
-                            plgpu.copy_smem_to_gmem(staging.at[i],
-                                                    out_gmem.at[rows, pl.ds(cols.start + i * STORE_N, STORE_N)])
+                        epilogue.finish(pl.run_scoped(accumulate, plgpu.ACC((TILE_M, TILE_N), jnp.float32)), rows,
+                                        cols)
 
                     if cooperative:  # every tile, both consumers
                         tile()
@@ -208,10 +239,93 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
             # refill it; cooperative: by both consumers)
             plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=stages) if cluster > 1
             else plgpu.Barrier(num_arrivals=CONSUMERS if cooperative else 1, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=chunks, num_barriers=CONSUMERS),  # a consumer's residual tile landed
+            # a consumer's staged epilogue input landed: the residual tile (all its chunks), or one
+            # pair of g and u chunks per barrier (two pairs in flight)
+            plgpu.Barrier(num_arrivals=2, num_barriers=CONSUMERS * _PAIRS) if gated
+            else plgpu.Barrier(num_arrivals=chunks, num_barriers=CONSUMERS),
             collective_axes="wg",
         )
 
-    kernel = ws.kernel(jaxtune_lora_matmul, jax.ShapeDtypeStruct((t, n), dtype), programs, cluster, interpret)
-    return kernel(x, w, xa, sb, *(() if residual is None else (residual,)))
+    if gated:  # named after what it computes, in profiles
+        jaxtune_lora_matmul.__name__ = jaxtune_lora_matmul.__qualname__ = "jaxtune_lora_matmul_activation_grad"
+    out_n = 2 * n if gated else n
+    kernel = ws.kernel(jaxtune_lora_matmul, jax.ShapeDtypeStruct((t, out_n), dtype), programs, cluster, interpret)
+    return kernel(x, w, xa, sb, *(array for array, _ in extra.values()))
 
+
+_PAIRS = 2  # g/u chunk pairs a consumer's staging buffer holds (its four 64 × 64 tiles)
+
+
+class _SumEpilogue:
+    """The product, plus the residual if given (`res_gmem`): the residual's tile is loaded into the
+    staging buffer during the main loop, added in float32, and the sum stored from the same buffer."""
+
+    def __init__(self, staging, ready, res_gmem, out_gmem, dtype):
+        self.staging, self.ready, self.res_gmem, self.out_gmem, self.dtype = staging, ready, res_gmem, out_gmem, dtype
+
+    def _columns(self, cols, i):
+        return pl.ds(cols.start + i * STORE_N, STORE_N)
+
+    def prefetch(self, rows, cols):
+        if self.res_gmem is not None:
+            for i in range(TILE_N // STORE_N):
+                plgpu.copy_gmem_to_smem(self.res_gmem.at[rows, self._columns(cols, i)], self.staging.at[i],
+                                        self.ready)
+
+    def finish(self, acc, rows, cols):
+        if self.res_gmem is not None:
+            plgpu.barrier_wait(self.ready)
+        for i in range(TILE_N // STORE_N):
+            value = acc[:, i * STORE_N:(i + 1) * STORE_N]
+            if self.res_gmem is not None:
+                value = value + self.staging.at[i][...].astype(jnp.float32)
+            self.staging.at[i][...] = value.astype(self.dtype)
+            plgpu.commit_smem()  # the registers' writes land before TMA reads SMEM
+            plgpu.copy_smem_to_gmem(self.staging.at[i], self.out_gmem.at[rows, self._columns(cols, i)])
+
+
+class _GatedGradEpilogue:
+    """`lora_matmul_activation_grad`'s: for each 64-column chunk i of the accumulator (dh), g and u
+    from the joint layout into a staging pair (slots 2p, 2p + 1, p = i % 2), dg and du computed
+    over them in place and stored from there. Pairs 0 and 1 load during the main loop; chunk i + 2's
+    pair is loaded into chunk i's slots once chunk i's stores have read them, while chunk i + 1 is
+    computed."""
+
+    def __init__(self, gated, staging, ready, wg, gu_gmem, out_gmem, dtype):
+        self.hidden_act, self.chunk = gated
+        self.staging, self.ready, self.wg = staging, ready, wg
+        self.gu_gmem, self.out_gmem, self.dtype = gu_gmem, out_gmem, dtype
+
+    def _joint_columns(self, cols, i):
+        """(g's, u's) columns in the joint layout for the accumulator's chunk i."""
+        col = cols.start + i * STORE_N
+        g_col = lax.div(col, self.chunk) * (2 * self.chunk) + lax.rem(col, self.chunk)
+        return pl.ds(g_col, STORE_N), pl.ds(g_col + self.chunk, STORE_N)
+
+    def _load(self, rows, cols, i):
+        pair = i % _PAIRS
+        barrier = self.ready.at[self.wg * _PAIRS + pair]
+        for slot, columns in zip((2 * pair, 2 * pair + 1), self._joint_columns(cols, i)):
+            plgpu.copy_gmem_to_smem(self.gu_gmem.at[rows, columns], self.staging.at[slot], barrier)
+
+    def prefetch(self, rows, cols):
+        for i in range(_PAIRS):
+            self._load(rows, cols, i)
+
+    def finish(self, acc, rows, cols):
+        chunks = TILE_N // STORE_N
+        for i in range(chunks):
+            pair = i % _PAIRS
+            g_slot, u_slot = self.staging.at[2 * pair], self.staging.at[2 * pair + 1]
+            plgpu.barrier_wait(self.ready.at[self.wg * _PAIRS + pair])
+            dh = acc[:, i * STORE_N:(i + 1) * STORE_N]
+            g, u = g_slot[...].astype(jnp.float32), u_slot[...].astype(jnp.float32)
+            act, d_act = activation_and_grad(g, self.hidden_act)
+            g_slot[...] = (dh * u * d_act).astype(self.dtype)
+            u_slot[...] = (dh * act).astype(self.dtype)
+            plgpu.commit_smem()  # the registers' writes land before TMA reads SMEM
+            for slot, columns in zip((g_slot, u_slot), self._joint_columns(cols, i)):
+                plgpu.copy_smem_to_gmem(slot, self.out_gmem.at[rows, columns])
+            if i + _PAIRS < chunks:  # refill this pair once its stores have read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                self._load(rows, cols, i + _PAIRS)

@@ -84,7 +84,8 @@ def test_lora_matmul_lowers_for_an_h200():
     """Compiled for a GPU the kernel goes through Mosaic GPU's layout inference and SMEM budget,
     which interpret mode skips: lowered here, from the CPU, at the 1B step's o_proj shapes (4
     stages and two 64 × 256 staging buffers: 224 KiB of SMEM), forward with the residual, the
-    backward's transposed form, 2-CTA clusters, and cooperative 128-row tiles (3 stages: 208 KiB)."""
+    backward's transposed form, 2-CTA clusters, and cooperative 128-row tiles (3 stages: 208 KiB);
+    and `lora_matmul_activation_grad` at the 1B step's down_proj shapes."""
     s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     for transpose, residual, cluster, cooperative in ((False, True, 1, False), (True, False, 1, False),
                                                       (False, True, 2, False), (False, True, 1, True)):
@@ -93,3 +94,54 @@ def test_lora_matmul_lowers_for_an_h200():
                                stages=3 if cooperative else 4)
         text = lower_for_h200(fn, s(8192, 2048), s(2048, 2048), s(8192, 64), sb, s(8192, 2048) if residual else None)
         assert "jaxtune_lora_matmul" in text
+    # down_proj's backward with the activation's (1B: F 8192, D 2048), both tilings
+    for cooperative in (True, False):
+        fn = functools.partial(lm.lora_matmul_activation_grad, hidden_act="silu", chunk=128, cooperative=cooperative,
+                               stages=3 if cooperative else 4)
+        text = lower_for_h200(fn, s(8192, 2048), s(8192, 2048), s(8192, 64), s(8192, 64), s(8192, 16384))
+        assert "jaxtune_lora_matmul_activation_grad" in text
+
+
+def _activation_grad_want(x, w, xa, sb, gate_up, chunk):
+    """float32 `[dg | du]` in the joint layout for dh = x@Wᵀ + xa@sBᵀ and h = silu(g)·u."""
+    f32 = lambda a: np.asarray(a, np.float32)
+    dh = f32(x) @ f32(w).T + f32(xa) @ f32(sb).T
+    t, f = dh.shape
+    joint = f32(gate_up).reshape(t, f // chunk, 2, chunk)
+    g, u = joint[:, :, 0].reshape(t, f), joint[:, :, 1].reshape(t, f)
+    s = 1 / (1 + np.exp(-g))
+    dg, du = dh * u * s * (1 + g * (1 - s)), dh * g * s
+    return np.stack([dg.reshape(t, f // chunk, chunk), du.reshape(t, f // chunk, chunk)], axis=2).reshape(t, 2 * f)
+
+
+@pytest.mark.parametrize("tokens,k,f,chunk,stages,programs,cooperative", [
+    # 2 x 2 cooperative tiles over 3 programs; chunks of 128 (a tile spans two), 64 (four)
+    (256, 128, 512, 128, 3, None, True),
+    (256, 192, 512, 64, 2, 1, True),  # one program walks all four tiles: the staging pairs' phases carry
+    (128, 128, 512, 256, 3, None, False),  # ping-pong 64-row tiles, the chunk as wide as a tile
+])
+def test_lora_matmul_activation_grad_matches_float32(tokens, k, f, chunk, stages, programs, cooperative):
+    """down_proj's backward with the gated activation's in its epilogue: dh is never rounded, g and u
+    come from (and dg, du go to) the joint layout, chunk by chunk."""
+    x, w, xa, sb, _ = _inputs(tokens, k, f, True, False)
+    gate_up = jax.random.normal(jax.random.key(7), (tokens, 2 * f)).astype(jnp.bfloat16) * 2
+    out = lm.lora_matmul_activation_grad(x, w, xa, sb, gate_up, hidden_act="silu", chunk=chunk, stages=stages,
+                                         programs=programs, cooperative=cooperative, interpret=INTERPRET)
+    assert out.dtype == jnp.bfloat16 and out.shape == (tokens, 2 * f)
+    want = _activation_grad_want(x, w, xa, sb, gate_up, chunk)
+    swapped = _activation_grad_want(x, w, xa, sb, gate_up[:, ::-1], chunk)  # gate and up mixed up: must fail
+    got = np.asarray(out, np.float32)
+    assert np.abs(got - swapped).max() > 0.5
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=3e-2)  # bf16 g and u, one rounding
+
+
+def test_lora_matmul_activation_grad_refuses_by_name():
+    x, w, xa, sb, _ = _inputs(128, 128, 512, True, False)
+    gu = jnp.zeros((128, 1024), jnp.bfloat16)
+    call = functools.partial(lm.lora_matmul_activation_grad, hidden_act="silu", chunk=128, interpret=INTERPRET)
+    with pytest.raises(ValueError, match=r"gate_up has shape \(128, 512\), expected \(128, 1024\)"):
+        call(x, w, xa, sb, gu[:, :512])
+    with pytest.raises(ValueError, match="chunk = 96 must be a multiple of 64"):
+        call(x, w, xa, sb, gu, chunk=96)
+    with pytest.raises(ValueError, match="activation 'gelu_new'"):
+        call(x, w, xa, sb, gu, hidden_act="gelu_new")

@@ -142,3 +142,39 @@ def test_projection_kernel_is_taken_only_when_asked_and_where_it_fits(monkeypatc
     if len(jax.devices()) >= 2:  # activations over a mesh: a kernel call has no sharding rule
         with activation_sharding(make_mesh({"data": 2}, devices=jax.devices()[:2]), merged_rules()):
             assert not uses(w, x)
+
+
+@pytest.mark.parametrize("act,cooperative_k", [("silu", None), ("gelu_pytorch_tanh", 1)])
+def test_down_backward_with_the_activations_in_one_kernel(monkeypatch, act, cooperative_k):
+    """lora_gated_down's joint block (gate and up in one `[B, T, F/c, 2c]` array): its backward takes
+    `lora_matmul_activation_grad` (dy@Wdᵀ + dha@Adᵀ and the activation's backward in one kernel,
+    ping-pong tiles; the forward's down_proj in either tiling); values and gradients (gu's, Ad's, sBd's, the residual's)
+    against float32 autodiff no worse than bf16 autodiff of the XLA form."""
+    from jaxtune import lora_gated_down
+
+    monkeypatch.setattr(lora_projection, "COOPERATIVE_K", cooperative_k)
+    f, chunk, rank = 512, 128, 8
+    ks = jax.random.split(jax.random.key(5), 5)
+    gu = jax.random.normal(ks[0], (1, TOKENS, f // chunk, 2 * chunk)) * 2
+    w_down = jax.random.normal(ks[1], (f, D)) * f**-0.5
+    a_down = jax.random.normal(ks[2], (f, rank)) * f**-0.5
+    sb_down = jax.random.normal(ks[3], (rank, D)) * 0.5
+    h = jax.random.normal(ks[4], (1, TOKENS, D))
+    loss = lambda gu, a, sb, h, w: _weighted_square(
+        lora_gated_down.lora_gated_down_joint(gu, w, a, sb, hidden_act=act, residual=h))
+    run = lambda *args: jax.tree.leaves(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args))
+    inputs = (gu, a_down, sb_down, h, w_down)
+    bf16 = tuple(z.astype(jnp.bfloat16) for z in inputs)
+    monkeypatch.setattr(lora_projection, "KERNEL", "off")
+    truth, plain = run(*inputs), run(*bf16)
+    monkeypatch.setattr(lora_projection, "KERNEL", MODE)
+    uses = lambda: "jaxtune_lora_matmul_activation_grad" in str(jax.make_jaxpr(jax.grad(loss))(*bf16))
+    assert uses()
+    fused = run(*bf16)
+    _check_against_truth(truth, plain, fused)
+    monkeypatch.setattr(lora_projection, "ACTIVATION_GRAD", False)  # then cuBLAS and the activation's own kernel
+    assert not uses()
+    monkeypatch.setattr(lora_projection, "ACTIVATION_GRAD", True)
+    narrow = gu.astype(jnp.bfloat16).reshape(1, TOKENS, 2 * f // 32, 32)  # 32-column chunks: not whole stores
+    assert "jaxtune_lora_matmul_activation_grad" not in str(
+        jax.make_jaxpr(jax.grad(loss))(narrow, *bf16[1:]))
