@@ -89,8 +89,7 @@ def activation_grad_product(dy, dha, w, a, gate_up, *, hidden_act: str, chunk: i
     (RESULTS, twenty-first round): 467 µs against cooperative tiles' 489 and cuBLAS's dy@Wᵀ plus
     the activation's backward kernel's 523–538."""
     return kernel.lora_matmul_activation_grad(dy, w, _pad_k(dha, 1), _pad_k(a, 1), gate_up, hidden_act=hidden_act,
-                                              chunk=chunk, cooperative=False, stages=4,
-                                              interpret=KERNEL == "interpret")
+                                              chunk=chunk, interpret=KERNEL == "interpret")
 
 
 def _tiling(t: int, k: int, n: int, dtype) -> dict:

@@ -97,8 +97,8 @@ def lora_matmul(x, w, xa, sb, residual=None, *, transpose: bool = False, stages:
 
 
 @functools.partial(jax.jit, static_argnames=("hidden_act", "chunk", "stages", "cooperative", "programs", "interpret"))
-def lora_matmul_activation_grad(x, w, xa, sb, gate_up, *, hidden_act: str, chunk: int, stages: int = 3,
-                                cooperative: bool = True, programs: int | None = None, interpret: bool = False):
+def lora_matmul_activation_grad(x, w, xa, sb, gate_up, *, hidden_act: str, chunk: int, stages: int = 4,
+                                cooperative: bool = False, programs: int | None = None, interpret: bool = False):
     """A gated MLP's gate/up gradient through its LoRA down_proj's backward, in one pass:
     `dh = x@Wᵀ + xa@sBᵀ` (x = dy `[T, D]`, W = W_down `[F, D]`, xa = dy@sB_downᵀ `[T, ADAPTER_K]`,
     sB = A_down `[F, ADAPTER_K]`, both zero-padded), then for `h = act(g)·u`: `dg = dh·u·act'(g)`,
@@ -106,7 +106,8 @@ def lora_matmul_activation_grad(x, w, xa, sb, gate_up, *, hidden_act: str, chunk
     `chunk` gate columns, then its `chunk` up columns; `lora_gated_down.JOINT` flattened) and the
     result written in that layout. dh stays in the float32 accumulator (never rounded, never
     written); the activation's arithmetic is float32 from the rounded g and u, one rounding at the
-    end. See `lora_matmul` for the tiling arguments (3 stages fit the cooperative tiles)."""
+    end. See `lora_matmul` for the tiling arguments; the defaults (ping-pong, 4 stages) measured
+    fastest (see the module docstring)."""
     f = w.shape[0]
     if hidden_act not in ACTIVATIONS:
         raise ValueError(f"lora_matmul_activation_grad: activation {hidden_act!r} (one of {ACTIVATIONS})")
