@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import lora, lora_projection, quant
+from jaxtune import lora, lora_gated_down, lora_projection, quant
 from jaxtune.kernels.mosaic_smem import on_hopper
 from jaxtune.model import mlp as mlp_module
 from jaxtune.model.linear import linear
@@ -148,10 +148,8 @@ def test_projection_kernel_is_taken_only_when_asked_and_where_it_fits(monkeypatc
 def test_down_backward_with_the_activations_in_one_kernel(monkeypatch, act, cooperative_k):
     """lora_gated_down's joint block (gate and up in one `[B, T, F/c, 2c]` array): its backward takes
     `lora_matmul_activation_grad` (dy@Wdᵀ + dha@Adᵀ and the activation's backward in one kernel,
-    ping-pong tiles; the forward's down_proj in either tiling); values and gradients (gu's, Ad's, sBd's, the residual's)
-    against float32 autodiff no worse than bf16 autodiff of the XLA form."""
-    from jaxtune import lora_gated_down
-
+    ping-pong tiles; the forward's down_proj in either tiling); values and gradients (gu's, Ad's,
+    sBd's, the residual's) against float32 autodiff no worse than bf16 autodiff of the XLA form."""
     monkeypatch.setattr(lora_projection, "COOPERATIVE_K", cooperative_k)
     f, chunk, rank = 512, 128, 8
     ks = jax.random.split(jax.random.key(5), 5)
@@ -175,6 +173,6 @@ def test_down_backward_with_the_activations_in_one_kernel(monkeypatch, act, coop
     monkeypatch.setattr(lora_projection, "ACTIVATION_GRAD", False)  # then cuBLAS and the activation's own kernel
     assert not uses()
     monkeypatch.setattr(lora_projection, "ACTIVATION_GRAD", True)
-    narrow = gu.astype(jnp.bfloat16).reshape(1, TOKENS, 2 * f // 32, 32)  # 32-column chunks: not whole stores
+    narrow = gu.astype(jnp.bfloat16).reshape(1, TOKENS, 2 * f // 32, 32)  # 16-column chunks: not whole stores
     assert "jaxtune_lora_matmul_activation_grad" not in str(
         jax.make_jaxpr(jax.grad(loss))(narrow, *bf16[1:]))
