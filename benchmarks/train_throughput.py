@@ -89,21 +89,15 @@ class JaxtuneKnobs:
     # (XLA's fusions of the plain form); None: the trainer's (jaxtune/model/norm.py KERNELS)
 
     def flags(self) -> list[str]:
-        """The same knobs as command-line flags (for the worker processes)."""
-        return (["--attention", self.attention, "--ce", self.ce]
-                + (["--scan-unroll", str(self.scan_unroll)] if self.scan_unroll != 1 else [])
-                + (["--ce-chunk", str(self.ce_chunk)] if self.ce_chunk else [])
-                + (["--ce-logits", self.ce_logits] if self.ce_logits else [])
-                + (["--remat", self.remat] if self.remat else [])
-                + (["--gate-up-kernel", self.gate_up_kernel] if self.gate_up_kernel else [])
-                + (["--gate-up-cluster", str(self.gate_up_cluster)] if self.gate_up_cluster else [])
-                + (["--joint-gate-up", self.joint_gate_up] if self.joint_gate_up else [])
-                + (["--gate-up-chunk", str(self.gate_up_chunk)] if self.gate_up_chunk else [])
-                + (["--lora-kernel", self.lora_kernel] if self.lora_kernel else [])
-                + (["--lora-cluster", str(self.lora_cluster)] if self.lora_cluster else [])
-                + (["--lora-cooperative-k", str(self.lora_cooperative_k)] if self.lora_cooperative_k else [])
-                + (["--activation-grad-kernel", self.activation_grad_kernel] if self.activation_grad_kernel else [])
-                + (["--norm-kernels", self.norm_kernels] if self.norm_kernels else []))
+        """The same knobs as command-line flags (for the worker processes): each field is its flag
+        (`ce_chunk` → `--ce-chunk`), passed where it differs from the field's default (attention
+        and the cross-entropy always)."""
+        flags = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("attention", "ce") or value != field.default:
+                flags += ["--" + field.name.replace("_", "-"), str(value)]
+        return flags
 
 
 def flops_per_token(shape: dict, seq: int) -> float:
@@ -560,14 +554,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for results.jsonl")
     parser.add_argument("--worker", nargs=4, metavar=("SIDE", "CASE", "SEQ", "MESH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    knobs = JaxtuneKnobs(attention=args.attention, ce=args.ce, ce_chunk=args.ce_chunk, ce_logits=args.ce_logits,
-                         remat=args.remat, scan_unroll=args.scan_unroll, gate_up_kernel=args.gate_up_kernel,
-                         gate_up_cluster=args.gate_up_cluster,
-                         joint_gate_up=args.joint_gate_up, gate_up_chunk=args.gate_up_chunk,
-                         lora_kernel=args.lora_kernel, lora_cluster=args.lora_cluster,
-                         lora_cooperative_k=args.lora_cooperative_k,
-                         activation_grad_kernel=args.activation_grad_kernel,
-                         norm_kernels=args.norm_kernels)
+    # every knob's flag has the field's name as its dest (`flags` writes them so)
+    knobs = JaxtuneKnobs(**{field.name: getattr(args, field.name) for field in dataclasses.fields(JaxtuneKnobs)})
 
     def resolve(name: str, seq: int | None) -> tuple[Case, dict]:
         case = CASES[name]
